@@ -1,0 +1,22 @@
+"""sqlflag: leader election (a leadership flag) on the SQL database you already have."""
+
+from ._builder import FlagBuilder, new_flag
+from ._errors import ConfigurationError, SchemaError, SqlflagError
+from ._inspect import FlagState, inspect, inspect_async
+from ._schema import metadata, table
+from ._sync import Flag
+
+__all__ = [
+    "ConfigurationError",
+    "Flag",
+    "FlagBuilder",
+    "FlagState",
+    "SchemaError",
+    "SqlflagError",
+    "inspect",
+    "inspect_async",
+    "metadata",
+    "new_flag",
+    "table",
+]
+__version__ = "0.1.0"

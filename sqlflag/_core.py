@@ -1,0 +1,358 @@
+"""The pure core of a flag: what to send next, what a result means, when to wake up.
+
+It does no I/O. The sync and async shells ask it for a :class:`Step`, run the statement the
+step names on their connection, and hand the result (or the exception) back to
+:meth:`FlagCore.finish`, which returns the transitions to announce and the delay until the
+flag's next step. Lowering by the local deadline needs no statement at all: see
+:meth:`FlagCore.raised` and :meth:`FlagCore.expire`.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import random
+import sqlite3
+from dataclasses import dataclass
+from typing import Any
+
+import sqlalchemy as sa
+
+from ._dialects import Dialect, InvalidRow, Outcome
+from ._metrics import FlagMetrics
+
+#: A holder stops reading ``raised == True`` this fraction of ``interval`` before its lease
+#: ends by the database clock: it covers local and database clocks whose rates differ by up to
+#: 1% each (``DRIFT``), with room to spare.
+MARGIN = 0.02
+DRIFT = 0.01
+
+
+@dataclass(frozen=True)
+class Settings:
+    """A flag's validated configuration (see the builder for the rules)."""
+
+    name: str
+    process: str
+    interval: float
+    timeout: float
+    jitter: float
+
+    @property
+    def margin(self) -> float:
+        """How much earlier than the database's expiry a holder lowers (seconds)."""
+        return self.interval * MARGIN
+
+    @property
+    def lease(self) -> float:
+        """How long after sending a successful check a holder may read ``raised == True``."""
+        return self.interval - self.margin
+
+
+@dataclass(frozen=True)
+class Transition:
+    """A change the application hears about: raised with ``token``, or lowered (``reason``)."""
+
+    raised: bool
+    token: int | None
+    reason: str
+
+
+@dataclass(frozen=True)
+class Step:
+    """One statement for the shell to run (``statement`` None: nothing to send this time)."""
+
+    kind: str  # "check", "release", "ensure" or "skip"
+    statement: sa.Executable | None
+    params: dict[str, Any]
+    token: int | None = None
+
+
+@dataclass(frozen=True)
+class Report:
+    """What a finished step changed, and when the flag wants its next step."""
+
+    transitions: list[Transition]
+    delay: float
+    failed: bool = False
+
+
+def classify(exc: BaseException) -> str:
+    """A short, stable name for what went wrong: the ``kind`` label of the errors metric."""
+    if isinstance(exc, InvalidRow):
+        return "invalid_row"
+    if isinstance(exc, sa.exc.TimeoutError | TimeoutError):
+        return "timeout"
+    orig = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
+    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+        return "connection"
+    sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if isinstance(sqlstate, str):
+        if sqlstate in ("57014", "55P03"):
+            return "timeout"
+        if sqlstate.startswith("08") or sqlstate in ("57P01", "57P02", "57P03"):
+            return "connection"
+        return "database"
+    args = getattr(orig, "args", ())
+    code = args[0] if args and isinstance(args[0], int) else None
+    if code is not None:
+        if code in (1205, 1969, 3024):
+            return "timeout"
+        if code in (1927, 2002, 2003, 2006, 2013, 2055):
+            return "connection"
+        return "database"
+    if isinstance(orig, sqlite3.OperationalError) and "locked" in str(orig):
+        return "timeout"
+    if isinstance(exc, sa.exc.InterfaceError | sa.exc.DisconnectionError | ConnectionError):
+        return "connection"
+    if isinstance(exc, sa.exc.DBAPIError):
+        return "database"
+    return "other"
+
+
+class FlagCore:
+    """The state of one flag in one process, and every decision about it."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        dialect: Dialect,
+        logger: logging.Logger,
+        metrics: FlagMetrics,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.settings = settings
+        self.dialect = dialect
+        self.log = logger
+        self.metrics = metrics
+        self._rng = rng or random.Random()
+        self._tenure: int | None = None  # token of the lease we hold by our last check
+        self._deadline = -math.inf  # local monotonic time ``raised`` turns false
+        self._abandoned: int | None = None  # a tenure lowered by its deadline: never raise it again
+        self._to_release: int | None = None  # a late renewal of an abandoned tenure: give it back
+        self._error_kind: str | None = None
+        self._failures = 0
+        self._precheck_ok = True
+        self._need_row = False
+        self._warned_duplicate: int | None = None
+        self.closed = False
+        metrics.bind(self)
+
+    # -- reading ----------------------------------------------------------------------------
+
+    def raised(self, now: float) -> bool:
+        """True while we hold a tenure and its local deadline has not passed."""
+        return self._tenure is not None and now < self._deadline
+
+    def token(self, now: float) -> int | None:
+        return self._tenure if self.raised(now) else None
+
+    @property
+    def deadline(self) -> float:
+        """When ``raised`` turns false unless renewed (``-inf`` while lowered)."""
+        return self._deadline if self._tenure is not None else -math.inf
+
+    def lease_left(self, now: float) -> float:
+        return max(0.0, self._deadline - now) if self._tenure is not None else 0.0
+
+    # -- planning ---------------------------------------------------------------------------
+
+    def plan(self, now: float, precheck_ok: bool) -> tuple[Step, list[Transition]]:
+        """The next statement to send, and any transition deciding it caused."""
+        s = self.settings
+        transitions: list[Transition] = []
+        if self._precheck_ok != precheck_ok:
+            self._precheck_ok = precheck_ok
+            self.log.info(
+                "flag %r: precheck of process %r now says %s",
+                s.name, s.process, "lead" if precheck_ok else "do not lead",
+            )
+        if self._need_row:
+            return self._step("ensure", self.dialect.ensure_row, None), transitions
+        if self._to_release is not None:
+            return self._step("release", self.dialect.release, self._to_release), transitions
+        if not precheck_ok:
+            if self._tenure is None:
+                return Step("skip", None, {}), transitions
+            token = self._tenure
+            transitions += self._lower(now, "precheck")
+            return self._step("release", self.dialect.release, token), transitions
+        if self._tenure is not None and now >= self._deadline:
+            transitions += self._lower(now, "expired")
+        return self._step("check", self.dialect.check, self._tenure), transitions
+
+    def close(self, now: float) -> list[Transition]:
+        """Closing: lower at once; :meth:`plan_release` then gives the lease back."""
+        self.closed = True
+        if self._tenure is not None:
+            self._to_release = self._tenure
+        return self._lower(now, "closed")
+
+    def plan_release(self) -> Step | None:
+        """The release a closed flag still owes the database, if any."""
+        if self._to_release is None:
+            return None
+        return self._step("release", self.dialect.release, self._to_release)
+
+    def _step(self, kind: str, statement: sa.Executable, token: int | None) -> Step:
+        s = self.settings
+        params = self.dialect.params(s.name, s.process, token, s.interval)
+        return Step(kind, statement, params, token)
+
+    # -- results ----------------------------------------------------------------------------
+
+    def finish(
+        self,
+        step: Step,
+        t_sent: float,
+        t_done: float,
+        result: Any = None,
+        error: BaseException | None = None,
+    ) -> Report:
+        """Account for a step's result (a CursorResult) or its exception."""
+        if step.statement is not None:
+            self.metrics.observe_latency(t_done - t_sent)
+        if error is None and step.kind == "check":
+            try:
+                outcome = self.dialect.parse_check(result)
+            except InvalidRow as exc:
+                error = exc
+            else:
+                return self._checked(t_sent, t_done, outcome)
+        if error is not None:
+            return self._failed(t_done, error)
+        self._recovered()
+        if step.kind == "ensure":
+            self._need_row = False
+            return Report([], 0.0)
+        if step.kind == "release":
+            if self._to_release == step.token:
+                self._to_release = None
+            self.log.info(
+                "flag %r: process %r released tenure %s",
+                self.settings.name, self.settings.process, step.token,
+            )
+        return Report([], self._jittered(self.settings.interval / 2))
+
+    def _checked(self, t_sent: float, t_done: float, outcome: Outcome) -> Report:
+        s = self.settings
+        self._recovered()
+        transitions: list[Transition] = []
+        if outcome.won:
+            token = outcome.token
+            assert token is not None
+            if token == self._abandoned or self.closed:
+                # A renewal that outlived the local deadline came back: we hold a tenure we
+                # already announced as lowered. Give it back rather than raise twice with it.
+                self._to_release = token
+                return Report(transitions, 0.0)
+            if self._tenure is not None and token != self._tenure:
+                transitions += self._lower(t_done, "expired")
+            self._deadline = t_sent + s.lease
+            if self._tenure is None:
+                self._tenure = token
+                self.metrics.set_raised(token)
+                self.log.info("flag %r raised by process %r with token %d", s.name, s.process, token)
+                transitions.append(Transition(True, token, "acquired"))
+            # Renew every interval/2 (jittered), but always early enough that a renewal taking
+            # the whole timeout still lands before the local deadline.
+            latest = self._deadline - s.timeout - t_done
+            delay = min(self._jittered(s.interval / 2), max(latest, s.interval / 20))
+            return Report(transitions, delay)
+
+        if self._tenure is not None:
+            transitions += self._lower(t_done, "stolen")
+        if outcome.missing:
+            self.log.warning("flag %r: its row is missing; inserting it again", s.name)
+            self._need_row = True
+            return Report(transitions, 0.0)
+        if (
+            outcome.holder == s.process
+            and outcome.holder_token is not None
+            and outcome.holder_token != self._warned_duplicate
+        ):
+            self._warned_duplicate = outcome.holder_token
+            self.log.warning(
+                "flag %r: another live instance with the same process name %r holds the lease "
+                "(token %d); this instance waits until it is released or expires",
+                s.name, s.process, outcome.holder_token,
+            )
+        delay = self._jittered(s.interval / 2)
+        if outcome.lease_left is not None:
+            # Wake just after the current lease ends, by the database clock (plus drift).
+            delay = min(delay, max(0.001, outcome.lease_left * (1 + DRIFT) + 0.002))
+        return Report(transitions, delay)
+
+    def _failed(self, now: float, error: BaseException) -> Report:
+        s = self.settings
+        kind = classify(error)
+        self._failures += 1
+        self.metrics.error(kind)
+        delay = self._jittered(s.interval / 10)
+        if kind != self._error_kind:
+            self._error_kind = kind
+            self.log.warning(
+                "flag %r: database check failed (%s): %s; retrying every ~%.3g s",
+                s.name, kind, _one_line(error), s.interval / 10,
+            )
+        else:
+            self.log.debug("flag %r: check failed again (%s): %s", s.name, kind, _one_line(error))
+        return Report([], delay, failed=True)
+
+    def _recovered(self) -> None:
+        if self._error_kind is not None:
+            self.log.info(
+                "flag %r: database answering again after %d failed attempts",
+                self.settings.name, self._failures,
+            )
+        self._error_kind = None
+        self._failures = 0
+
+    def observe_row(self, holder: str | None, token: int | None, left: float | None) -> None:
+        """At build: warn when a live instance with our process name already holds the flag."""
+        s = self.settings
+        if holder == s.process and token is not None and left is not None and left > 0:
+            self._warned_duplicate = token
+            self.log.warning(
+                "flag %r: another live instance with the same process name %r holds the lease "
+                "(token %d, %.3g s left); this instance waits until it is released or expires",
+                s.name, s.process, token, left,
+            )
+
+    # -- lowering ---------------------------------------------------------------------------
+
+    def expire(self, now: float) -> list[Transition]:
+        """Lower a tenure whose local deadline has passed without a renewal."""
+        if self._tenure is not None and now >= self._deadline:
+            return self._lower(now, "expired")
+        return []
+
+    def _lower(self, now: float, reason: str) -> list[Transition]:
+        token = self._tenure
+        if token is None:
+            return []
+        self._tenure = None
+        self._deadline = -math.inf
+        self._abandoned = token
+        if reason in ("expired", "stolen"):
+            self.log.warning(
+                "flag %r lowered for process %r (tenure %d %s)",
+                self.settings.name, self.settings.process, token,
+                "expired before it could be renewed" if reason == "expired" else "was taken over",
+            )
+        else:
+            self.log.info(
+                "flag %r lowered for process %r (tenure %d, %s)",
+                self.settings.name, self.settings.process, token, reason,
+            )
+        self.metrics.set_lowered(reason)
+        return [Transition(False, token, reason)]
+
+    def _jittered(self, base: float) -> float:
+        j = self.settings.jitter
+        return base * (1 + self._rng.uniform(-j, j)) if j else base
+
+
+def _one_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return f"{type(error).__name__}: {text[0] if text else ''}"

@@ -1,0 +1,171 @@
+"""What every dialect provides: the conditional statement, its meaning, session set-up."""
+
+from __future__ import annotations
+
+import abc
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+import sqlalchemy as sa
+from sqlalchemy.engine import CursorResult
+
+from .._schema import table
+
+t = table
+
+#: The token sent by a process that holds no tenure: it never matches a row.
+NO_TOKEN = -1
+
+
+class InvalidRow(Exception):
+    """The database returned something sqlflag cannot trust (a hand-edited row, a NULL)."""
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What one check found out.
+
+    ``won``: this process holds the lease now, with ``token``. Otherwise ``lease_left`` is how
+    long the current lease still runs by the database clock (None when the dialect cannot
+    tell), ``holder`` who holds it (None when unknown) and ``missing`` that the row is gone.
+    """
+
+    won: bool
+    token: int | None = None
+    lease_left: float | None = None
+    holder: str | None = None
+    holder_token: int | None = None
+    missing: bool = False
+
+
+def as_token(value: Any) -> int:
+    """A fencing token from a driver value; anything else is an invalid row."""
+    if isinstance(value, bool) or value is None:
+        raise InvalidRow(f"token {value!r} is not an integer")
+    try:
+        token = int(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidRow(f"token {value!r} is not an integer") from exc
+    if token != value or token < 0:
+        raise InvalidRow(f"token {value!r} is not a non-negative integer")
+    return token
+
+
+def as_seconds(value: Any) -> float | None:
+    """Seconds from a driver value (float, Decimal, int); None when absent or not finite."""
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except (TypeError, ValueError) as exc:
+        raise InvalidRow(f"lease length {value!r} is not a number") from exc
+    return seconds if math.isfinite(seconds) else None
+
+
+class Dialect(abc.ABC):
+    """One database's statements; built once, compiled once per engine by SQLAlchemy's cache.
+
+    Bound parameters: ``p_name``, ``p_process``, ``p_token`` and ``p_interval`` (see
+    :meth:`interval_param`).
+    """
+
+    name: ClassVar[str]
+
+    def __init__(self) -> None:
+        self.check = self.build_check()
+        self.release = self.build_release()
+        self.ensure_row = self.build_ensure_row()
+        self.read_row = self.build_inspect().where(t.c.name == sa.bindparam("p_name"))
+        self.inspect_all = self.build_inspect().order_by(t.c.name)
+
+    # -- clock ------------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def now(self) -> sa.ColumnElement[Any]:
+        """The database's clock for this statement (not the transaction's)."""
+
+    @abc.abstractmethod
+    def later(self) -> sa.ColumnElement[Any]:
+        """``now() + p_interval``."""
+
+    @abc.abstractmethod
+    def seconds_left(self, column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+        """Seconds from now until ``column``, by the database clock (negative when past)."""
+
+    @abc.abstractmethod
+    def interval_param(self, seconds: float) -> Any:
+        """The value bound to ``p_interval`` for a lease of ``seconds``."""
+
+    # -- the compare-and-swap ---------------------------------------------------------------
+
+    def may_take(self) -> sa.ColumnElement[bool]:
+        """The lease is free (expired) or is this tenure's own."""
+        return sa.or_(
+            t.c.expires_at <= self.now(),
+            sa.and_(t.c.holder == sa.bindparam("p_process"), t.c.token == sa.bindparam("p_token")),
+        )
+
+    def take_values(self, token: sa.ColumnElement[Any] | None = None) -> list[tuple[Any, Any]]:
+        """SET list of a successful check, in the order MySQL needs (``expires_at`` last).
+
+        A still-valid lease that passed :meth:`may_take` is our own: keep its token and start;
+        otherwise this is a new tenure with the next token.
+        """
+        valid = t.c.expires_at > self.now()
+        next_token = sa.case((valid, t.c.token), else_=t.c.token + 1)
+        return [
+            (t.c.token, next_token if token is None else token),
+            (t.c.acquired_at, sa.case((valid, t.c.acquired_at), else_=self.now())),
+            (t.c.holder, sa.bindparam("p_process")),
+            (t.c.renewed_at, self.now()),
+            (t.c.expires_at, self.later()),
+        ]
+
+    @abc.abstractmethod
+    def build_check(self) -> sa.Executable:
+        """The one statement a renewal, an acquisition attempt and a follower check send."""
+
+    @abc.abstractmethod
+    def parse_check(self, result: CursorResult[Any]) -> Outcome:
+        """What the check's result means."""
+
+    def build_release(self) -> sa.Executable:
+        """End our tenure now so a follower takes over at its next check."""
+        return (
+            sa.update(t)
+            .where(
+                t.c.name == sa.bindparam("p_name"),
+                t.c.holder == sa.bindparam("p_process"),
+                t.c.token == sa.bindparam("p_token"),
+                t.c.expires_at > self.now(),
+            )
+            .ordered_values((t.c.renewed_at, self.now()), (t.c.expires_at, self.now()))
+        )
+
+    @abc.abstractmethod
+    def build_ensure_row(self) -> sa.Executable:
+        """Insert the flag's row, already expired, unless it exists."""
+
+    def ensure_values(self) -> dict[str, Any]:
+        return {"name": sa.bindparam("p_name"), "token": 0, "expires_at": self.now()}
+
+    def build_inspect(self) -> sa.Select[Any]:
+        return sa.select(
+            t.c.name, t.c.holder, t.c.token, self.seconds_left(t.c.expires_at).label("left")
+        )
+
+    def params(self, name: str, process: str, token: int | None, interval: float) -> dict[str, Any]:
+        return {
+            "p_name": name,
+            "p_process": process,
+            "p_token": NO_TOKEN if token is None else token,
+            "p_interval": self.interval_param(interval),
+        }
+
+    # -- sessions ---------------------------------------------------------------------------
+
+    @abc.abstractmethod
+    def session_setup(self, timeout: float, server_info: str) -> list[str]:
+        """SQL run once on each connection sqlflag keeps, so every statement is bounded by
+        ``timeout`` on the server with no ``SET`` before each check."""

@@ -1,0 +1,77 @@
+"""MySQL and MariaDB: a conditional UPDATE whose answer rides in the OK packet.
+
+No ``UPDATE … RETURNING`` here, so the statement reports through ``LAST_INSERT_ID(expr)``,
+which the server sends back with the row count in the same reply:
+
+* won (one row matched): the SET clause stores the tenure's token;
+* lost: the WHERE clause stored ``OFFSET + microseconds left`` while it looked at the row
+  (it comes right after the primary-key match, before the lease condition);
+* no row: nothing stored it, the value is 0.
+
+SET assignments run left to right here, so ``expires_at``, which the others read, comes last.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.mysql import insert
+from sqlalchemy.engine import CursorResult
+
+from ._base import Dialect, InvalidRow, Outcome, t
+
+#: Added to the microseconds left so that "lost" values never collide with a token or 0.
+OFFSET = 1 << 62
+MICROSECOND = sa.literal_column("MICROSECOND")
+
+
+class MySQL(Dialect):
+    name = "mysql"
+
+    def now(self) -> sa.ColumnElement[Any]:
+        return sa.func.utc_timestamp(sa.literal_column("6"))
+
+    def later(self) -> sa.ColumnElement[Any]:
+        return sa.func.timestampadd(MICROSECOND, sa.bindparam("p_interval"), self.now())
+
+    def micros_left(self, column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+        return sa.func.timestampdiff(MICROSECOND, self.now(), column)
+
+    def seconds_left(self, column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+        return self.micros_left(column) / 1000000.0
+
+    def interval_param(self, seconds: float) -> Any:
+        return round(seconds * 1_000_000)
+
+    def build_check(self) -> sa.Executable:
+        valid = t.c.expires_at > self.now()
+        token = sa.func.last_insert_id(sa.case((valid, t.c.token), else_=t.c.token + 1))
+        report = sa.func.last_insert_id(self.micros_left(t.c.expires_at) + OFFSET) > 0
+        return (
+            sa.update(t)
+            .where(t.c.name == sa.bindparam("p_name"), report, self.may_take())
+            .ordered_values(*self.take_values(token))
+        )
+
+    def parse_check(self, result: CursorResult[Any]) -> Outcome:
+        value = result.lastrowid
+        if result.rowcount == 1:
+            if not value or value >= OFFSET:
+                raise InvalidRow(f"won the lease but the server reported token {value!r}")
+            return Outcome(won=True, token=int(value))
+        if not value:
+            return Outcome(won=False, missing=True)
+        if value < OFFSET:
+            raise InvalidRow(f"lost the lease but the server reported {value!r}")
+        return Outcome(won=False, lease_left=(value - OFFSET) / 1_000_000)
+
+    def build_ensure_row(self) -> sa.Executable:
+        return insert(t).values(self.ensure_values()).prefix_with("IGNORE")
+
+    def session_setup(self, timeout: float, server_info: str) -> list[str]:
+        statements = [f"SET SESSION innodb_lock_wait_timeout = {max(1, math.ceil(timeout))}"]
+        if "mariadb" in server_info.lower():
+            statements.append(f"SET SESSION max_statement_time = {timeout:.6f}")
+        return statements

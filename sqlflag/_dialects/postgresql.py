@@ -1,0 +1,69 @@
+"""PostgreSQL: one CTE both tries the swap and reports the current lease."""
+
+from __future__ import annotations
+
+import math
+from datetime import timedelta
+from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.dialects.postgresql import insert
+from sqlalchemy.engine import CursorResult
+
+from ._base import Dialect, Outcome, as_seconds, as_token, t
+
+
+class PostgreSQL(Dialect):
+    name = "postgresql"
+
+    def now(self) -> sa.ColumnElement[Any]:
+        # statement_timestamp(), not now(): now() is the transaction's start.
+        return sa.func.statement_timestamp()
+
+    def later(self) -> sa.ColumnElement[Any]:
+        return self.now() + sa.bindparam("p_interval", type_=sa.Interval())
+
+    def seconds_left(self, column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
+        return sa.extract("epoch", column - self.now())
+
+    def interval_param(self, seconds: float) -> Any:
+        return timedelta(seconds=seconds)
+
+    def build_check(self) -> sa.Executable:
+        # The sub-statements share one snapshot: ``cur`` is the row as it was before ``won``.
+        cur = (
+            sa.select(t.c.holder, t.c.token, self.seconds_left(t.c.expires_at).label("left"))
+            .where(t.c.name == sa.bindparam("p_name"))
+            .cte("cur")
+        )
+        won = (
+            sa.update(t)
+            .where(t.c.name == sa.bindparam("p_name"), self.may_take())
+            .values(dict(self.take_values()))
+            .returning(t.c.token)
+            .cte("won")
+        )
+        return sa.select(
+            won.c.token.label("won_token"), cur.c.holder, cur.c.token, cur.c.left
+        ).select_from(cur.outerjoin(won, sa.true()))
+
+    def parse_check(self, result: CursorResult[Any]) -> Outcome:
+        row = result.first()
+        if row is None:
+            return Outcome(won=False, missing=True)
+        won_token, holder, token, left = row
+        if won_token is not None:
+            return Outcome(won=True, token=as_token(won_token))
+        return Outcome(
+            won=False,
+            lease_left=as_seconds(left),
+            holder=holder,
+            holder_token=None if token is None else as_token(token),
+        )
+
+    def build_ensure_row(self) -> sa.Executable:
+        return insert(t).values(self.ensure_values()).on_conflict_do_nothing(index_elements=["name"])
+
+    def session_setup(self, timeout: float, server_info: str) -> list[str]:
+        ms = max(1, math.ceil(timeout * 1000))
+        return [f"SET statement_timeout = {ms}", f"SET lock_timeout = {ms}"]

@@ -1,0 +1,427 @@
+"""The sync shell: flags on one engine share one scheduler (an I/O thread and a notifier)."""
+
+from __future__ import annotations
+
+import atexit
+import functools
+import heapq
+import itertools
+import logging
+import math
+import threading
+import weakref
+from collections import deque
+from collections.abc import Callable
+from types import TracebackType
+from typing import Any
+
+import sqlalchemy as sa
+
+from ._clock import monotonic
+from ._core import FlagCore, Report, Step, Transition
+from ._dialects import Dialect
+
+Callback = Callable[["Flag"], Any]
+Precheck = Callable[[], bool]
+
+_seq = itertools.count()
+
+
+class _Notifier:
+    """Runs callbacks in order, and lowers flags whose local deadline passes.
+
+    Kept apart from the I/O thread so that a statement stuck on the network never delays
+    ``on_lowered``, and a slow callback never delays a renewal.
+    """
+
+    def __init__(self, name: str) -> None:
+        self._cv = threading.Condition()
+        self._tasks: deque[Callable[[], None]] = deque()
+        self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._stopping = False
+        self.thread = threading.Thread(target=self._run, name=name, daemon=True)
+        self.thread.start()
+
+    def submit(self, task: Callable[[], None]) -> None:
+        with self._cv:
+            self._tasks.append(task)
+            self._cv.notify()
+
+    def call_at(self, when: float, task: Callable[[], None]) -> None:
+        with self._cv:
+            heapq.heappush(self._timers, (when, next(_seq), task))
+            self._cv.notify()
+
+    def stop(self) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while True:
+                    now = monotonic()
+                    if self._tasks:
+                        task = self._tasks.popleft()
+                        break
+                    if self._timers and self._timers[0][0] <= now:
+                        task = heapq.heappop(self._timers)[2]
+                        break
+                    if self._stopping:
+                        return
+                    self._cv.wait(self._timers[0][0] - now if self._timers else None)
+            try:
+                task()
+            except Exception:  # pragma: no cover - tasks catch their own errors
+                logging.getLogger("sqlflag").exception("sqlflag notifier task failed")
+
+
+class Scheduler:
+    """One I/O thread and one long-lived autocommit connection for every flag on an engine
+    (with one statement timeout): flags wait in a heap, each step sends at most one statement.
+    """
+
+    _lock = threading.Lock()
+    _all: dict[tuple[int, float], Scheduler] = {}
+
+    @classmethod
+    def get(cls, engine: sa.Engine, dialect: Dialect, timeout: float) -> Scheduler:
+        with cls._lock:
+            key = (id(engine), timeout)
+            found = cls._all.get(key)
+            if found is None or found._stopping:
+                found = cls._all[key] = cls(engine, dialect, timeout, key)
+            found._users += 1
+            return found
+
+    def __init__(self, engine: sa.Engine, dialect: Dialect, timeout: float, key: Any) -> None:
+        self.engine = engine
+        self.dialect = dialect
+        self.timeout = timeout
+        self._key = key
+        self._cv = threading.Condition()
+        self._heap: list[tuple[float, int, Flag]] = []
+        self._jobs: deque[Callable[[], None]] = deque()
+        self._flags: weakref.WeakSet[Flag] = weakref.WeakSet()
+        self._users = 0
+        self._stopping = False
+        self._conn: sa.Connection | None = None
+        label = f"sqlflag-{engine.url.render_as_string(hide_password=True)}"
+        self.notifier = _Notifier(label + "-notify")
+        self.thread = threading.Thread(target=self._run, name=label + "-io", daemon=True)
+        self.thread.start()
+
+    # -- flags ------------------------------------------------------------------------------
+
+    def add(self, flag: Flag) -> None:
+        with self._cv:
+            self._flags.add(flag)
+            self._push(flag, monotonic())
+
+    def _push(self, flag: Flag, when: float) -> None:
+        flag._due = (when, next(_seq))
+        heapq.heappush(self._heap, (*flag._due, flag))
+        self._cv.notify()
+
+    def run_job(self, job: Callable[[], None], wait: float) -> bool:
+        """Run ``job`` on the I/O thread (at once if already on it); wait up to ``wait`` s."""
+        if threading.current_thread() is self.thread:
+            job()
+            return True
+        done = threading.Event()
+
+        def wrapped() -> None:
+            try:
+                job()
+            finally:
+                done.set()
+
+        with self._cv:
+            self._jobs.append(wrapped)
+            self._cv.notify()
+        return done.wait(wait)
+
+    def release_user(self) -> None:
+        """A flag is closed; stop when none is left."""
+        with Scheduler._lock:
+            self._users -= 1
+            if self._users > 0:
+                return
+            if Scheduler._all.get(self._key) is self:
+                del Scheduler._all[self._key]
+        with self._cv:
+            self._stopping = True
+            self._cv.notify()
+        self.notifier.stop()
+
+    # -- the I/O thread ---------------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            with self._cv:
+                while True:
+                    if self._jobs:
+                        job: Callable[[], None] | None = self._jobs.popleft()
+                        flag = None
+                        break
+                    if self._stopping:
+                        self._drop_connection()
+                        return
+                    now = monotonic()
+                    if self._heap and self._heap[0][0] <= now:
+                        due, seq, flag = heapq.heappop(self._heap)
+                        if flag._due != (due, seq):
+                            continue  # rescheduled or closed
+                        flag._due = None
+                        job = None
+                        break
+                    self._cv.wait(self._heap[0][0] - now if self._heap else None)
+            if job is not None:
+                job()
+            elif flag is not None:
+                self._step(flag)
+
+    def _step(self, flag: Flag) -> None:
+        ok = flag._run_precheck()
+        with flag._cv:
+            if flag._core.closed:
+                return
+            step, transitions = flag._core.plan(monotonic(), ok)
+        flag._announce(transitions)
+        report = self.execute(flag, step)
+        with self._cv:
+            if not flag._core.closed:
+                self._push(flag, monotonic() + report.delay)
+
+    def execute(self, flag: Flag, step: Step) -> Report:
+        """Send one step's statement (if any) and let the core account for it."""
+        core = flag._core
+        t_sent = monotonic()
+        result: Any = None
+        error: BaseException | None = None
+        if step.statement is not None:
+            try:
+                result = self._connection().execute(step.statement, step.params)
+            except Exception as exc:
+                error = exc
+                self._drop_connection()
+        try:
+            with flag._cv:
+                report = core.finish(step, t_sent, monotonic(), result, error)
+        finally:
+            if result is not None:
+                result.close()
+        flag._announce(report.transitions)
+        return report
+
+    def _connection(self) -> sa.Connection:
+        if self._conn is None:
+            conn = self.engine.connect()
+            try:
+                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+                info = str(getattr(conn.dialect, "server_version_info", "")) + (
+                    " mariadb" if getattr(conn.dialect, "is_mariadb", False) else ""
+                )
+                for sql in self.dialect.session_setup(self.timeout, info):
+                    conn.exec_driver_sql(sql)
+            except BaseException:
+                conn.invalidate()
+                conn.close()
+                raise
+            self._conn = conn
+        return self._conn
+
+    def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            # Discarded, not returned: its session timeouts must not leak into the app's pool.
+            try:
+                conn.invalidate()
+                conn.close()
+            except Exception:  # pragma: no cover - best effort on a broken connection
+                pass
+
+
+class Flag:
+    """A leadership flag: at most one live flag with a given name sees ``raised == True``."""
+
+    def __init__(
+        self,
+        core: FlagCore,
+        scheduler: Scheduler,
+        precheck: Precheck | None,
+        on_raised: list[Callback],
+        on_lowered: list[Callback],
+    ) -> None:
+        self._core = core
+        self._scheduler = scheduler
+        self._precheck = precheck
+        self._on_raised = on_raised
+        self._on_lowered = on_lowered
+        self._cv = threading.Condition()
+        self._due: tuple[float, int] | None = None
+        self._closing = False
+        self._closed = threading.Event()
+        self._precheck_error: str | None = None
+        self._timer_armed = False
+        _live.add(self)
+
+    # -- public -----------------------------------------------------------------------------
+
+    @property
+    def name(self) -> str:
+        return self._core.settings.name
+
+    @property
+    def process(self) -> str:
+        return self._core.settings.process
+
+    @property
+    def raised(self) -> bool:
+        """True only while this process holds a lease valid by its own conservative clock."""
+        return self._core.raised(monotonic())
+
+    @property
+    def token(self) -> int | None:
+        """The fencing token of the current tenure; None while lowered."""
+        return self._core.token(monotonic())
+
+    @property
+    def closed(self) -> bool:
+        return self._closing
+
+    def wait_raised(self, timeout: float | None = None) -> bool:
+        """Block until raised (True) or until ``timeout`` seconds pass (False)."""
+        end = None if timeout is None else monotonic() + timeout
+        with self._cv:
+            while not self.raised:
+                if self._closing:
+                    return False
+                left = None if end is None else end - monotonic()
+                if left is not None and left <= 0:
+                    return False
+                self._cv.wait(left)
+            return True
+
+    def wait_lowered(self, timeout: float | None = None) -> bool:
+        """Block until lowered (True) or until ``timeout`` seconds pass (False)."""
+        end = None if timeout is None else monotonic() + timeout
+        with self._cv:
+            while self.raised:
+                now = monotonic()
+                left = None if end is None else end - now
+                if left is not None and left <= 0:
+                    return False
+                until_deadline = max(0.0, self._core.deadline - now)
+                self._cv.wait(until_deadline if left is None else min(left, until_deadline))
+            return True
+
+    def close(self) -> None:
+        """Stop the loop and release the lease if held, so a follower takes over at once.
+
+        Idempotent. ``raised`` is false when this returns; the release waits at most about
+        twice the statement timeout for the database.
+        """
+        with self._cv:
+            if self._closing:
+                return
+            self._closing = True
+            transitions = self._core.close(monotonic())
+            self._cv.notify_all()
+        sched = self._scheduler
+        self._announce(transitions)
+
+        def release() -> None:
+            # On the I/O thread, so after any check in flight: it may have won meanwhile.
+            with sched._cv:
+                self._due = None
+            with self._cv:
+                step = self._core.plan_release()
+            if step is not None:
+                sched.execute(self, step)
+
+        sched.run_job(release, wait=2 * sched.timeout + 1)
+        self._core.metrics.close()
+        _live.discard(self)
+        sched.notifier.submit(self._closed.set)
+        sched.release_user()
+        if threading.current_thread() is not sched.notifier.thread:
+            self._closed.wait(2 * sched.timeout + 1)  # callbacks queued so far have run
+
+    def __enter__(self) -> Flag:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closing else "raised" if self.raised else "lowered"
+        return f"<Flag name={self.name!r} process={self.process!r} {state} token={self.token}>"
+
+    # -- shell plumbing ---------------------------------------------------------------------
+
+    def _run_precheck(self) -> bool:
+        if self._precheck is None:
+            return True
+        try:
+            ok = bool(self._precheck())
+        except Exception as exc:
+            text = f"{type(exc).__name__}: {exc}"
+            if text != self._precheck_error:
+                self._core.log.warning(
+                    "flag %r: precheck raised %s; not leading", self.name, text, exc_info=True
+                )
+            self._precheck_error = text
+            return False
+        self._precheck_error = None
+        return ok
+
+    def _announce(self, transitions: list[Transition]) -> None:
+        if not transitions:
+            return
+        notifier = self._scheduler.notifier
+        with self._cv:
+            self._cv.notify_all()
+            arm = any(tr.raised for tr in transitions) and not self._timer_armed
+            self._timer_armed = self._timer_armed or arm
+            deadline = self._core.deadline
+        for tr in transitions:
+            for cb in self._on_raised if tr.raised else self._on_lowered:
+                notifier.submit(functools.partial(self._call, cb))
+        if arm:
+            notifier.call_at(deadline, self._check_deadline)
+
+    def _check_deadline(self) -> None:
+        with self._cv:
+            transitions = self._core.expire(monotonic())
+            deadline = self._core.deadline
+            self._timer_armed = deadline > -math.inf
+        if transitions:
+            self._announce(transitions)
+        elif self._timer_armed:
+            self._scheduler.notifier.call_at(deadline, self._check_deadline)
+
+    def _call(self, callback: Callback) -> None:
+        try:
+            callback(self)
+        except Exception:
+            self._core.log.exception("flag %r: callback %r failed", self.name, callback)
+
+
+_live: weakref.WeakSet[Flag] = weakref.WeakSet()
+
+
+@atexit.register
+def _close_all() -> None:
+    """Release leases still held when the interpreter exits normally."""
+    for flag in list(_live):
+        try:
+            flag.close()
+        except Exception:  # pragma: no cover
+            pass
