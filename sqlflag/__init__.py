@@ -1,5 +1,6 @@
 """sqlflag: leader election (a leadership flag) on the SQL database you already have."""
 
+from ._async import AsyncFlag
 from ._builder import FlagBuilder, new_flag
 from ._errors import ConfigurationError, SchemaError, SqlflagError
 from ._inspect import FlagState, inspect, inspect_async
@@ -7,6 +8,7 @@ from ._schema import metadata, table
 from ._sync import Flag
 
 __all__ = [
+    "AsyncFlag",
     "ConfigurationError",
     "Flag",
     "FlagBuilder",

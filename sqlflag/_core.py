@@ -252,7 +252,9 @@ class FlagCore:
             if self._tenure is None:
                 self._tenure = token
                 self.metrics.set_raised(token)
-                self.log.info("flag %r raised by process %r with token %d", s.name, s.process, token)
+                self.log.info(
+                    "flag %r raised by process %r with token %d", s.name, s.process, token
+                )
                 transitions.append(Transition(True, token, "acquired"))
             # Renew every interval/2 (jittered), but always early enough that a renewal taking
             # the whole timeout still lands before the local deadline.

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import functools
 import heapq
 import itertools
@@ -13,13 +14,14 @@ import weakref
 from collections import deque
 from collections.abc import Callable
 from types import TracebackType
-from typing import Any
+from typing import Any, ClassVar
 
 import sqlalchemy as sa
 
 from ._clock import monotonic
 from ._core import FlagCore, Report, Step, Transition
 from ._dialects import Dialect
+from ._shell import FlagBase
 
 Callback = Callable[["Flag"], Any]
 Precheck = Callable[[], bool]
@@ -83,7 +85,7 @@ class Scheduler:
     """
 
     _lock = threading.Lock()
-    _all: dict[tuple[int, float], Scheduler] = {}
+    _all: ClassVar[dict[tuple[int, float], Scheduler]] = {}
 
     @classmethod
     def get(cls, engine: sa.Engine, dialect: Dialect, timeout: float) -> Scheduler:
@@ -243,7 +245,7 @@ class Scheduler:
                 pass
 
 
-class Flag:
+class Flag(FlagBase):
     """A leadership flag: at most one live flag with a given name sees ``raised == True``."""
 
     def __init__(
@@ -268,28 +270,6 @@ class Flag:
         _live.add(self)
 
     # -- public -----------------------------------------------------------------------------
-
-    @property
-    def name(self) -> str:
-        return self._core.settings.name
-
-    @property
-    def process(self) -> str:
-        return self._core.settings.process
-
-    @property
-    def raised(self) -> bool:
-        """True only while this process holds a lease valid by its own conservative clock."""
-        return self._core.raised(monotonic())
-
-    @property
-    def token(self) -> int | None:
-        """The fencing token of the current tenure; None while lowered."""
-        return self._core.token(monotonic())
-
-    @property
-    def closed(self) -> bool:
-        return self._closing
 
     def wait_raised(self, timeout: float | None = None) -> bool:
         """Block until raised (True) or until ``timeout`` seconds pass (False)."""
@@ -360,10 +340,6 @@ class Flag:
     ) -> None:
         self.close()
 
-    def __repr__(self) -> str:
-        state = "closed" if self._closing else "raised" if self.raised else "lowered"
-        return f"<Flag name={self.name!r} process={self.process!r} {state} token={self.token}>"
-
     # -- shell plumbing ---------------------------------------------------------------------
 
     def _run_precheck(self) -> bool:
@@ -372,13 +348,7 @@ class Flag:
         try:
             ok = bool(self._precheck())
         except Exception as exc:
-            text = f"{type(exc).__name__}: {exc}"
-            if text != self._precheck_error:
-                self._core.log.warning(
-                    "flag %r: precheck raised %s; not leading", self.name, text, exc_info=True
-                )
-            self._precheck_error = text
-            return False
+            return self._precheck_failed(exc)
         self._precheck_error = None
         return ok
 
@@ -411,7 +381,7 @@ class Flag:
         try:
             callback(self)
         except Exception:
-            self._core.log.exception("flag %r: callback %r failed", self.name, callback)
+            self._callback_failed(callback)
 
 
 _live: weakref.WeakSet[Flag] = weakref.WeakSet()
@@ -421,7 +391,5 @@ _live: weakref.WeakSet[Flag] = weakref.WeakSet()
 def _close_all() -> None:
     """Release leases still held when the interpreter exits normally."""
     for flag in list(_live):
-        try:
+        with contextlib.suppress(Exception):
             flag.close()
-        except Exception:  # pragma: no cover
-            pass

@@ -19,12 +19,19 @@ def for_dialect(dialect: sa.Dialect) -> Dialect:
         name = "mysql"
     ops = _cache.get(name)
     if ops is None:
+        cls: type[Dialect]
         if name == "postgresql":
-            from .postgresql import PostgreSQL as cls
+            from .postgresql import PostgreSQL
+
+            cls = PostgreSQL
         elif name == "mysql":
-            from .mysql import MySQL as cls
+            from .mysql import MySQL
+
+            cls = MySQL
         elif name == "sqlite":
-            from .sqlite import SQLite as cls
+            from .sqlite import SQLite
+
+            cls = SQLite
         else:
             raise ConfigurationError(
                 f"handle uses the {dialect.name!r} dialect; sqlflag supports "

@@ -24,7 +24,7 @@ from ._base import Dialect, InvalidRow, Outcome, t
 
 #: Added to the microseconds left so that "lost" values never collide with a token or 0.
 OFFSET = 1 << 62
-MICROSECOND = sa.literal_column("MICROSECOND")
+MICROSECOND: sa.ColumnElement[Any] = sa.literal_column("MICROSECOND")
 
 
 class MySQL(Dialect):

@@ -51,7 +51,7 @@ class PostgreSQL(Dialect):
         row = result.first()
         if row is None:
             return Outcome(won=False, missing=True)
-        won_token, holder, token, left = row
+        won_token, holder, token, left = tuple(row)
         if won_token is not None:
             return Outcome(won=True, token=as_token(won_token))
         return Outcome(
@@ -62,7 +62,8 @@ class PostgreSQL(Dialect):
         )
 
     def build_ensure_row(self) -> sa.Executable:
-        return insert(t).values(self.ensure_values()).on_conflict_do_nothing(index_elements=["name"])
+        stmt = insert(t).values(self.ensure_values())
+        return stmt.on_conflict_do_nothing(index_elements=["name"])
 
     def session_setup(self, timeout: float, server_info: str) -> list[str]:
         ms = max(1, math.ceil(timeout * 1000))

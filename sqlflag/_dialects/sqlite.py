@@ -52,7 +52,8 @@ class SQLite(Dialect):
         return Outcome(won=True, token=as_token(row[0]))
 
     def build_ensure_row(self) -> sa.Executable:
-        return insert(t).values(self.ensure_values()).on_conflict_do_nothing(index_elements=["name"])
+        stmt = insert(t).values(self.ensure_values())
+        return stmt.on_conflict_do_nothing(index_elements=["name"])
 
     def session_setup(self, timeout: float, server_info: str) -> list[str]:
         return [f"PRAGMA busy_timeout = {max(1, math.ceil(timeout * 1000))}"]

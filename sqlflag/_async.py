@@ -1,0 +1,317 @@
+"""The asyncio shell: flags on one AsyncEngine share one scheduler task per event loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import heapq
+import inspect
+import itertools
+import math
+import weakref
+from collections import deque
+from collections.abc import Awaitable, Callable
+from types import TracebackType
+from typing import Any, ClassVar
+
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from ._clock import monotonic
+from ._core import FlagCore, Report, Step, Transition
+from ._dialects import Dialect
+from ._shell import FlagBase
+
+AsyncCallback = Callable[["AsyncFlag"], Any]
+_seq = itertools.count()
+
+
+class AsyncScheduler:
+    """One task and one long-lived AUTOCOMMIT connection for every flag on an AsyncEngine
+    (with one statement timeout) in one event loop; a second task runs the callbacks."""
+
+    _all: ClassVar[weakref.WeakKeyDictionary[
+        asyncio.AbstractEventLoop, dict[tuple[int, float], AsyncScheduler]
+    ]] = weakref.WeakKeyDictionary()
+
+    @classmethod
+    def get(cls, engine: AsyncEngine, dialect: Dialect, timeout: float) -> AsyncScheduler:
+        loop = asyncio.get_running_loop()
+        per_loop = cls._all.setdefault(loop, {})
+        key = (id(engine), timeout)
+        found = per_loop.get(key)
+        if found is None or found._stopping:
+            found = per_loop[key] = cls(engine, dialect, timeout, key)
+        found._users += 1
+        return found
+
+    def __init__(self, engine: AsyncEngine, dialect: Dialect, timeout: float, key: Any) -> None:
+        self.engine = engine
+        self.dialect = dialect
+        self.timeout = timeout
+        self._key = key
+        self._heap: list[tuple[float, int, AsyncFlag]] = []
+        self._jobs: deque[Callable[[], Awaitable[None]]] = deque()
+        self._wake = asyncio.Event()
+        self._users = 0
+        self._stopping = False
+        self._conn: AsyncConnection | None = None
+        self._callbacks: asyncio.Queue[Callable[[], Awaitable[None]] | None] = asyncio.Queue()
+        self._loop = asyncio.get_running_loop()
+        label = f"sqlflag-{engine.url.render_as_string(hide_password=True)}"
+        self.task = self._loop.create_task(self._run(), name=label + "-io")
+        self.notifier = self._loop.create_task(self._notify(), name=label + "-notify")
+
+    def add(self, flag: AsyncFlag) -> None:
+        self._push(flag, monotonic())
+
+    def _push(self, flag: AsyncFlag, when: float) -> None:
+        flag._due = (when, next(_seq))
+        heapq.heappush(self._heap, (*flag._due, flag))
+        self._wake.set()
+
+    def submit(self, callback: Callable[[], Awaitable[None]]) -> None:
+        self._callbacks.put_nowait(callback)
+
+    async def run_job(self, job: Callable[[], Awaitable[None]], wait: float) -> bool:
+        """Run ``job`` on the scheduler task (after the statement in flight); wait ``wait`` s."""
+        if asyncio.current_task() is self.task:
+            await job()
+            return True
+        done = self._loop.create_future()
+
+        async def wrapped() -> None:
+            try:
+                await job()
+            finally:
+                if not done.done():
+                    done.set_result(None)
+
+        self._jobs.append(wrapped)
+        self._wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(done), wait)
+        except TimeoutError:
+            return False
+        return True
+
+    def release_user(self) -> None:
+        self._users -= 1
+        if self._users > 0:
+            return
+        per_loop = AsyncScheduler._all.get(self._loop, {})
+        if per_loop.get(self._key) is self:
+            del per_loop[self._key]
+        self._stopping = True
+        self._wake.set()
+        self._callbacks.put_nowait(None)
+
+    # -- the scheduler task -----------------------------------------------------------------
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                if self._jobs:
+                    await self._jobs.popleft()()
+                    continue
+                if self._stopping:
+                    return
+                now = monotonic()
+                if self._heap and self._heap[0][0] <= now:
+                    due, seq, flag = heapq.heappop(self._heap)
+                    if flag._due == (due, seq):
+                        flag._due = None
+                        await self._step(flag)
+                    continue
+                self._wake.clear()
+                wait = self._heap[0][0] - now if self._heap else None
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._wake.wait(), wait)
+        finally:
+            await self._drop_connection()
+
+    async def _step(self, flag: AsyncFlag) -> None:
+        ok = await flag._run_precheck()
+        if flag._core.closed:
+            return
+        step, transitions = flag._core.plan(monotonic(), ok)
+        flag._announce(transitions)
+        report = await self.execute(flag, step)
+        if not flag._core.closed:
+            self._push(flag, monotonic() + report.delay)
+
+    async def execute(self, flag: AsyncFlag, step: Step) -> Report:
+        """Send one step's statement (if any), bounded on the client side too."""
+        t_sent = monotonic()
+        result: Any = None
+        error: BaseException | None = None
+        if step.statement is not None:
+            try:
+                conn = await asyncio.wait_for(self._connection(), self.timeout * 3)
+                result = await asyncio.wait_for(
+                    conn.execute(step.statement, step.params), self.timeout * 1.5 + 0.05
+                )
+            except Exception as exc:
+                error = exc
+                await self._drop_connection()
+        try:
+            report = flag._core.finish(step, t_sent, monotonic(), result, error)
+        finally:
+            if result is not None:
+                result.close()
+        flag._announce(report.transitions)
+        return report
+
+    async def _connection(self) -> AsyncConnection:
+        if self._conn is None:
+            conn = await self.engine.connect()
+            try:
+                conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+                dialect = conn.dialect
+                info = str(getattr(dialect, "server_version_info", "")) + (
+                    " mariadb" if getattr(dialect, "is_mariadb", False) else ""
+                )
+                for sql in self.dialect.session_setup(self.timeout, info):
+                    await conn.exec_driver_sql(sql)
+            except BaseException:
+                await conn.invalidate()
+                await conn.close()
+                raise
+            self._conn = conn
+        return self._conn
+
+    async def _drop_connection(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                await conn.invalidate()
+                await conn.close()
+            except Exception:  # pragma: no cover - best effort on a broken connection
+                pass
+
+    async def _notify(self) -> None:
+        while True:
+            task = await self._callbacks.get()
+            if task is None:
+                return
+            await task()
+
+
+class AsyncFlag(FlagBase):
+    """The asyncio flag: same guarantees as :class:`sqlflag.Flag`, never blocks the loop."""
+
+    def __init__(
+        self,
+        core: FlagCore,
+        scheduler: AsyncScheduler,
+        precheck: Callable[[], Any] | None,
+        on_raised: list[AsyncCallback],
+        on_lowered: list[AsyncCallback],
+    ) -> None:
+        self._core = core
+        self._scheduler = scheduler
+        self._precheck = precheck
+        self._on_raised = on_raised
+        self._on_lowered = on_lowered
+        self._due: tuple[float, int] | None = None
+        self._closing = False
+        self._precheck_error: str | None = None
+        self._changed = asyncio.Event()
+        self._timer: asyncio.TimerHandle | None = None
+
+    async def wait_raised(self, timeout: float | None = None) -> bool:
+        """Wait until raised (True) or until ``timeout`` seconds pass (False)."""
+        return await self._wait(lambda: self.raised or self._closing, timeout) and self.raised
+
+    async def wait_lowered(self, timeout: float | None = None) -> bool:
+        """Wait until lowered (True) or until ``timeout`` seconds pass (False)."""
+        return await self._wait(lambda: not self.raised, timeout)
+
+    async def _wait(self, done: Callable[[], bool], timeout: float | None) -> bool:
+        async def until() -> None:
+            while not done():
+                await self._changed.wait()
+
+        try:
+            await asyncio.wait_for(until(), timeout)
+        except TimeoutError:
+            return done()
+        return True
+
+    async def close(self) -> None:
+        """Stop the loop and release the lease if held. Idempotent; safe from any task."""
+        if self._closing:
+            return
+        self._closing = True
+        self._announce(self._core.close(monotonic()))
+        sched = self._scheduler
+
+        async def release() -> None:
+            self._due = None
+            step = self._core.plan_release()
+            if step is not None:
+                await sched.execute(self, step)
+
+        await sched.run_job(release, wait=2 * sched.timeout + 1)
+        self._core.metrics.close()
+        if self._timer is not None:
+            self._timer.cancel()
+        sched.release_user()
+
+    async def __aenter__(self) -> AsyncFlag:
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close()
+
+    # -- shell plumbing ---------------------------------------------------------------------
+
+    async def _run_precheck(self) -> bool:
+        if self._precheck is None:
+            return True
+        try:
+            ok = self._precheck()
+            if inspect.isawaitable(ok):
+                ok = await asyncio.wait_for(ok, self._core.settings.interval / 2)
+        except Exception as exc:
+            return self._precheck_failed(exc)
+        self._precheck_error = None
+        return bool(ok)
+
+    def _signal(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
+
+    def _announce(self, transitions: list[Transition]) -> None:
+        if not transitions:
+            return
+        self._signal()
+        for tr in transitions:
+            for cb in self._on_raised if tr.raised else self._on_lowered:
+                self._scheduler.submit(lambda cb=cb: self._call(cb))  # type: ignore[misc]
+        if any(tr.raised for tr in transitions) and self._timer is None:
+            self._arm(self._core.deadline)
+
+    def _arm(self, deadline: float) -> None:
+        loop = asyncio.get_running_loop()
+        self._timer = loop.call_later(max(0.0, deadline - monotonic()), self._check_deadline)
+
+    def _check_deadline(self) -> None:
+        self._timer = None
+        transitions = self._core.expire(monotonic())
+        if transitions:
+            self._announce(transitions)
+        elif self._core.deadline > -math.inf:
+            self._arm(self._core.deadline)
+
+    async def _call(self, callback: AsyncCallback) -> None:
+        try:
+            result = callback(self)
+            if inspect.isawaitable(result):
+                await result
+        except Exception:
+            self._callback_failed(callback)
