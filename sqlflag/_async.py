@@ -16,6 +16,7 @@ from typing import Any, ClassVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+from . import _batch
 from ._clock import monotonic
 from ._core import FlagCore, Report, Step, Transition
 from ._dialects import Dialect
@@ -52,6 +53,7 @@ class AsyncScheduler:
         self._heap: list[tuple[float, int, AsyncFlag]] = []
         self._jobs: deque[Callable[[], Awaitable[None]]] = deque()
         self._wake = asyncio.Event()
+        self._flags: weakref.WeakSet[AsyncFlag] = weakref.WeakSet()
         self._users = 0
         self._stopping = False
         self._conn: AsyncConnection | None = None
@@ -62,6 +64,7 @@ class AsyncScheduler:
         self.notifier = self._loop.create_task(self._notify(), name=label + "-notify")
 
     def add(self, flag: AsyncFlag) -> None:
+        self._flags.add(flag)
         self._push(flag, monotonic())
 
     def _push(self, flag: AsyncFlag, when: float) -> None:
@@ -119,8 +122,13 @@ class AsyncScheduler:
                 if self._heap and self._heap[0][0] <= now:
                     due, seq, flag = heapq.heappop(self._heap)
                     if flag._due == (due, seq):
-                        flag._due = None
-                        await self._step(flag)
+                        group = _batch.companions(flag, self._flags, now)
+                        for member in group:
+                            member._due = None
+                        if len(group) == 1:
+                            await self._step(flag)
+                        else:
+                            await self._renew(group)
                     continue
                 self._wake.clear()
                 wait = self._heap[0][0] - now if self._heap else None
@@ -129,8 +137,43 @@ class AsyncScheduler:
         finally:
             await self._drop_connection()
 
-    async def _step(self, flag: AsyncFlag) -> None:
-        ok = await flag._run_precheck()
+    async def _renew(self, group: list[AsyncFlag]) -> None:
+        """Renew a group of held flags with as few statements as possible."""
+        now = monotonic()
+        members = []
+        for flag in group:
+            ok = await flag._run_precheck()
+            if ok and flag._core.renewable(now):
+                members.append((flag, flag._core.renewal_key()))
+            else:
+                await self._step(flag, ok)
+        for batch in _batch.batches(self.dialect, members):
+            t_sent = monotonic()
+            error: BaseException | None = None
+            names: set[str] = set()
+            try:
+                conn = await asyncio.wait_for(self._connection(), self.timeout * 3)
+                result = await asyncio.wait_for(
+                    conn.execute(batch.statement, batch.params), self.timeout * 1.5 + 0.05
+                )
+                names = _batch.renewed(self.dialect, batch, result)
+                result.close()
+            except Exception as exc:
+                error = exc
+                await self._drop_connection()
+            t_done = monotonic()
+            for flag, token in zip(batch.flags, batch.tokens, strict=True):
+                core = flag._core
+                core.metrics.observe_latency(t_done - t_sent)
+                renewed = core.settings.name in names
+                report = core.finish_renewal(t_sent, t_done, token, renewed, error)
+                flag._announce(report.transitions)
+                if not core.closed:
+                    self._push(flag, monotonic() + report.delay)
+
+    async def _step(self, flag: AsyncFlag, ok: bool | None = None) -> None:
+        if ok is None:
+            ok = await flag._run_precheck()
         if flag._core.closed:
             return
         step, transitions = flag._core.plan(monotonic(), ok)

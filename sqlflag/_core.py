@@ -188,6 +188,33 @@ class FlagCore:
             self._to_release = self._tenure
         return self._lower(now, "closed")
 
+    def renewable(self, now: float) -> bool:
+        """True when the next step is a plain renewal of a tenure still valid locally."""
+        return (
+            self._tenure is not None
+            and now < self._deadline
+            and not self.closed
+            and not self._need_row
+            and self._to_release is None
+            and self._precheck_ok
+        )
+
+    def renewal_key(self) -> tuple[str, str, int]:
+        """``(name, holder, token)`` of the tenure to renew in a batch."""
+        assert self._tenure is not None
+        return (self.settings.name, self.settings.process, self._tenure)
+
+    def finish_renewal(
+        self, t_sent: float, t_done: float, token: int, renewed: bool, error: BaseException | None
+    ) -> Report:
+        """Account for a batched renewal of ``token``; one not renewed gets its own check at
+        once, which finds out why."""
+        if error is not None:
+            return self._failed(t_done, error)
+        if renewed:
+            return self._checked(t_sent, t_done, Outcome(won=True, token=token))
+        return Report([], 0.0)
+
     def plan_release(self) -> Step | None:
         """The release a closed flag still owes the database, if any."""
         if self._to_release is None:

@@ -18,6 +18,7 @@ from typing import Any, ClassVar
 
 import sqlalchemy as sa
 
+from . import _batch
 from ._clock import monotonic
 from ._core import FlagCore, Report, Step, Transition
 from ._dialects import Dialect
@@ -165,7 +166,7 @@ class Scheduler:
                 while True:
                     if self._jobs:
                         job: Callable[[], None] | None = self._jobs.popleft()
-                        flag = None
+                        group: list[Flag] = []
                         break
                     if self._stopping:
                         self._drop_connection()
@@ -175,17 +176,57 @@ class Scheduler:
                         due, seq, flag = heapq.heappop(self._heap)
                         if flag._due != (due, seq):
                             continue  # rescheduled or closed
-                        flag._due = None
+                        group = _batch.companions(flag, self._flags, now)
+                        for member in group:
+                            member._due = None
                         job = None
                         break
                     self._cv.wait(self._heap[0][0] - now if self._heap else None)
             if job is not None:
                 job()
-            elif flag is not None:
-                self._step(flag)
+            elif len(group) == 1:
+                self._step(group[0])
+            else:
+                self._renew(group)
 
-    def _step(self, flag: Flag) -> None:
-        ok = flag._run_precheck()
+    def _renew(self, group: list[Flag]) -> None:
+        """Renew a group of held flags with as few statements as possible."""
+        now = monotonic()
+        members = []
+        for flag in group:
+            ok = flag._run_precheck()
+            with flag._cv:
+                key = flag._core.renewal_key() if ok and flag._core.renewable(now) else None
+            if key is None:
+                self._step(flag, ok)
+            else:
+                members.append((flag, key))
+        for batch in _batch.batches(self.dialect, members):
+            t_sent = monotonic()
+            error: BaseException | None = None
+            names: set[str] = set()
+            try:
+                result = self._connection().execute(batch.statement, batch.params)
+                names = _batch.renewed(self.dialect, batch, result)
+                result.close()
+            except Exception as exc:
+                error = exc
+                self._drop_connection()
+            t_done = monotonic()
+            for flag, token in zip(batch.flags, batch.tokens, strict=True):
+                core = flag._core
+                with flag._cv:
+                    core.metrics.observe_latency(t_done - t_sent)
+                    renewed = core.settings.name in names
+                    report = core.finish_renewal(t_sent, t_done, token, renewed, error)
+                flag._announce(report.transitions)
+                with self._cv:
+                    if not core.closed:
+                        self._push(flag, monotonic() + report.delay)
+
+    def _step(self, flag: Flag, ok: bool | None = None) -> None:
+        if ok is None:
+            ok = flag._run_precheck()
         with flag._cv:
             if flag._core.closed:
                 return

@@ -75,6 +75,7 @@ class Dialect(abc.ABC):
     def __init__(self) -> None:
         self.check = self.build_check()
         self.release = self.build_release()
+        self.renew_many = self.build_renew_many()
         self.ensure_row = self.build_ensure_row()
         self.read_row = self.build_inspect().where(t.c.name == sa.bindparam("p_name"))
         self.inspect_all = self.build_inspect().order_by(t.c.name)
@@ -142,6 +143,23 @@ class Dialect(abc.ABC):
             )
             .ordered_values((t.c.renewed_at, self.now()), (t.c.expires_at, self.now()))
         )
+
+    def build_renew_many(self) -> sa.Executable:
+        """Renew many tenures held by this process in one statement (``p_keys``: a list of
+        ``(name, holder, token)``); it touches only leases that are still valid and ours."""
+        return self.renew_many_update().returning(t.c.name)
+
+    def renew_many_update(self) -> sa.Update:
+        keys = sa.tuple_(t.c.name, t.c.holder, t.c.token)
+        return (
+            sa.update(t)
+            .where(keys.in_(sa.bindparam("p_keys", expanding=True)), t.c.expires_at > self.now())
+            .ordered_values((t.c.renewed_at, self.now()), (t.c.expires_at, self.later()))
+        )
+
+    def renewed(self, result: CursorResult[Any], asked: int) -> set[str] | None:
+        """Names renewed by :attr:`renew_many`; None when the dialect cannot tell which."""
+        return {row[0] for row in result}
 
     @abc.abstractmethod
     def build_ensure_row(self) -> sa.Executable:

@@ -67,6 +67,13 @@ class MySQL(Dialect):
             raise InvalidRow(f"lost the lease but the server reported {value!r}")
         return Outcome(won=False, lease_left=(value - OFFSET) / 1_000_000)
 
+    def build_renew_many(self) -> sa.Executable:
+        return self.renew_many_update()
+
+    def renewed(self, result: CursorResult[Any], asked: int) -> set[str] | None:
+        # No RETURNING on UPDATE: the row count says whether all were renewed, not which.
+        return None
+
     def build_ensure_row(self) -> sa.Executable:
         return insert(t).values(self.ensure_values()).prefix_with("IGNORE")
 
