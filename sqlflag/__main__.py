@@ -1,0 +1,5 @@
+"""``python -m sqlflag``: the ``sqlflag`` command line."""
+
+from sqlflag._cli import main
+
+raise SystemExit(main())
