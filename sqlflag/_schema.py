@@ -3,26 +3,13 @@
 from __future__ import annotations
 
 import sqlalchemy as sa
-from sqlalchemy.dialects import mysql, sqlite
+from sqlalchemy.dialects import mysql
 
 TABLE_NAME = "leadership_flags"
 
-#: Times carry microseconds on PostgreSQL and MySQL/MariaDB, milliseconds on SQLite
-#: (SQLite's own clock, ``strftime('%f')``, stops there).
-Timestamp = (
-    sa.DateTime(timezone=True)
-    .with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
-    .with_variant(
-        sqlite.DATETIME(  # type: ignore[no-untyped-call]
-            storage_format=(
-                "%(year)04d-%(month)02d-%(day)02d "
-                "%(hour)02d:%(minute)02d:%(second)02d.%(microsecond)06d"
-            ),
-            regexp=r"(\d+)-(\d+)-(\d+) (\d+):(\d+):(\d+)(?:\.(\d+))?",
-        ),
-        "sqlite",
-    )
-)
+#: Times carry microseconds on PostgreSQL and MySQL/MariaDB; on SQLite they are SQLAlchemy's
+#: own text format, filled to the millisecond (SQLite's clock stops there).
+Timestamp = sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 
 metadata = sa.MetaData()
 

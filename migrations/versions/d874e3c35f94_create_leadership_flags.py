@@ -15,7 +15,7 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 from alembic import op
-from sqlalchemy.dialects import mysql, sqlite
+from sqlalchemy.dialects import mysql
 
 # revision identifiers, used by Alembic.
 revision: str = "d874e3c35f94"
@@ -29,21 +29,8 @@ TABLE_NAME = "leadership_flags"
 
 
 def _timestamp() -> sa.DateTime:
-    """Microseconds on PostgreSQL and MySQL/MariaDB, a sortable fixed-width text on SQLite."""
-    return (
-        sa.DateTime(timezone=True)
-        .with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
-        .with_variant(
-            sqlite.DATETIME(
-                storage_format=(
-                    "%(year)04d-%(month)02d-%(day)02d "
-                    "%(hour)02d:%(minute)02d:%(second)02d.%(microsecond)06d"
-                ),
-                regexp=r"(\d+)-(\d+)-(\d+) (\d+):(\d+):(\d+)(?:\.(\d+))?",
-            ),
-            "sqlite",
-        )
-    )
+    """Microseconds on PostgreSQL and MySQL/MariaDB; SQLAlchemy's text format on SQLite."""
+    return sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 
 
 def upgrade() -> None:

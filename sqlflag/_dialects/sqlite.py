@@ -11,20 +11,25 @@ from sqlalchemy.engine import CursorResult
 
 from ._base import Dialect, Outcome, as_token, t
 
-#: SQLite's clock as text that sorts like time; ``'now'`` is fixed for one statement.
+#: SQLite's clock as text that sorts like time; ``'now'`` is fixed for one statement. SQLite
+#: stops at milliseconds; ``'000'`` pads them to SQLAlchemy's own format (microseconds), so
+#: values written by sqlflag and by SQLAlchemy compare and parse alike.
 FORMAT = "%Y-%m-%d %H:%M:%f"
+PAD = "000"
 
 
 class SQLite(Dialect):
     name = "sqlite"
 
     def now(self) -> sa.ColumnElement[Any]:
-        return sa.func.strftime(sa.literal_column(f"'{FORMAT}'"), sa.literal_column("'now'"))
+        clock = sa.func.strftime(sa.literal_column(f"'{FORMAT}'"), sa.literal_column("'now'"))
+        return clock.concat(sa.literal_column(f"'{PAD}'"))
 
     def later(self) -> sa.ColumnElement[Any]:
-        return sa.func.strftime(
+        clock = sa.func.strftime(
             sa.literal_column(f"'{FORMAT}'"), sa.literal_column("'now'"), sa.bindparam("p_interval")
         )
+        return clock.concat(sa.literal_column(f"'{PAD}'"))
 
     def seconds_left(self, column: sa.ColumnElement[Any]) -> sa.ColumnElement[Any]:
         return (sa.func.julianday(column) - sa.func.julianday(sa.literal_column("'now'"))) * 86400.0
