@@ -20,6 +20,7 @@ from . import _batch
 from ._clock import monotonic
 from ._core import FlagCore, Report, Step, Transition
 from ._dialects import Dialect
+from ._listen import AsyncListener
 from ._shell import FlagBase
 
 AsyncCallback = Callable[["AsyncFlag"], Any]
@@ -57,11 +58,26 @@ class AsyncScheduler:
         self._users = 0
         self._stopping = False
         self._conn: AsyncConnection | None = None
+        self._listener: AsyncListener | None = None
         self._callbacks: asyncio.Queue[Callable[[], Awaitable[None]] | None] = asyncio.Queue()
         self._loop = asyncio.get_running_loop()
         label = f"sqlflag-{engine.url.render_as_string(hide_password=True)}"
         self.task = self._loop.create_task(self._run(), name=label + "-io")
         self.notifier = self._loop.create_task(self._notify(), name=label + "-notify")
+
+    def listen(self) -> None:
+        """Start the LISTEN/NOTIFY wake-ups (PostgreSQL), once per scheduler."""
+        channel = self.dialect.notify_channel
+        if self._listener is None and channel is not None:
+            self._listener = AsyncListener(self.engine, channel, self.wake)
+
+    def wake(self, name: str) -> None:
+        """A flag named ``name`` was released: its lowered flags here check now."""
+        now = monotonic()
+        for flag in self._flags:
+            core = flag._core
+            if core.settings.name == name and flag._due is not None and not core.raised(now):
+                self._push(flag, now)
 
     def add(self, flag: AsyncFlag) -> None:
         self._flags.add(flag)
@@ -107,6 +123,8 @@ class AsyncScheduler:
         self._stopping = True
         self._wake.set()
         self._callbacks.put_nowait(None)
+        if self._listener is not None:
+            self._listener.stop()
 
     # -- the scheduler task -----------------------------------------------------------------
 

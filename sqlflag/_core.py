@@ -81,18 +81,13 @@ def classify(exc: BaseException) -> str:
     """A short, stable name for what went wrong: the ``kind`` label of the errors metric."""
     if isinstance(exc, InvalidRow):
         return "invalid_row"
-    if isinstance(exc, sa.exc.TimeoutError | TimeoutError):
+    if isinstance(exc, sa.exc.TimeoutError | TimeoutError) or _caused_by_timeout(exc):
         return "timeout"
     orig = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
     if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
         return "connection"
-    sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-    if isinstance(sqlstate, str):
-        if sqlstate in ("57014", "55P03"):
-            return "timeout"
-        if sqlstate.startswith("08") or sqlstate in ("57P01", "57P02", "57P03"):
-            return "connection"
-        return "database"
+    # MySQL drivers: a numeric error code first (PyMySQL also sets a ``sqlstate``, but a
+    # MySQL one: 70100 for max_statement_time, HY000 for a lock wait timeout).
     args = getattr(orig, "args", ())
     code = args[0] if args and isinstance(args[0], int) else None
     if code is not None:
@@ -101,6 +96,19 @@ def classify(exc: BaseException) -> str:
         if code in (1927, 2002, 2003, 2006, 2013, 2055):
             return "connection"
         return "database"
+    sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+    if isinstance(sqlstate, str):
+        if sqlstate in ("57014", "55P03"):
+            return "timeout"
+        if sqlstate.startswith("08") or sqlstate in ("57P01", "57P02", "57P03"):
+            return "connection"
+        return "database"
+    if isinstance(exc, sa.exc.OperationalError) and (
+        hasattr(orig, "sqlstate") or hasattr(orig, "pgcode")
+    ):
+        # psycopg: the server reports every error with a SQLSTATE; an OperationalError without
+        # one failed on the client side (connecting, or the connection broke).
+        return "connection"
     if isinstance(orig, sqlite3.OperationalError) and "locked" in str(orig):
         return "timeout"
     if isinstance(exc, sa.exc.InterfaceError | sa.exc.DisconnectionError | ConnectionError):
@@ -108,6 +116,19 @@ def classify(exc: BaseException) -> str:
     if isinstance(exc, sa.exc.DBAPIError):
         return "database"
     return "other"
+
+
+def _caused_by_timeout(exc: BaseException) -> bool:
+    """A driver error raised because a client-side bound ran out (a TimeoutError in its
+    chain: PyMySQL's socket timeout, sqlflag's own watchdog on psycopg)."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, TimeoutError):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False
 
 
 class FlagCore:
@@ -268,9 +289,13 @@ class FlagCore:
         if outcome.won:
             token = outcome.token
             assert token is not None
-            if token == self._abandoned or self.closed:
+            late = t_sent + s.lease <= t_done
+            if token == self._abandoned or self.closed or late:
                 # A renewal that outlived the local deadline came back: we hold a tenure we
-                # already announced as lowered. Give it back rather than raise twice with it.
+                # already announced as lowered (or one that would be raised already expired).
+                # Give it back rather than raise twice with it.
+                if late:
+                    transitions += self._lower(t_done, "expired")
                 self._to_release = token
                 return Report(transitions, 0.0)
             if self._tenure is not None and token != self._tenure:

@@ -22,6 +22,7 @@ from . import _batch
 from ._clock import monotonic
 from ._core import FlagCore, Report, Step, Transition
 from ._dialects import Dialect
+from ._listen import Listener
 from ._shell import FlagBase
 
 Callback = Callable[["Flag"], Any]
@@ -110,12 +111,29 @@ class Scheduler:
         self._users = 0
         self._stopping = False
         self._conn: sa.Connection | None = None
+        self._listener: Listener | None = None
         label = f"sqlflag-{engine.url.render_as_string(hide_password=True)}"
         self.notifier = _Notifier(label + "-notify")
         self.thread = threading.Thread(target=self._run, name=label + "-io", daemon=True)
         self.thread.start()
 
     # -- flags ------------------------------------------------------------------------------
+
+    def listen(self) -> None:
+        """Start the LISTEN/NOTIFY wake-ups (PostgreSQL), once per scheduler."""
+        channel = self.dialect.notify_channel
+        with self._cv:
+            if self._listener is None and channel is not None:
+                self._listener = Listener(self.engine, channel, self.wake)
+
+    def wake(self, name: str) -> None:
+        """A flag named ``name`` was released: its lowered flags here check now."""
+        now = monotonic()
+        with self._cv:
+            for flag in self._flags:
+                core = flag._core
+                if core.settings.name == name and flag._due is not None and not core.raised(now):
+                    self._push(flag, now)
 
     def add(self, flag: Flag) -> None:
         with self._cv:
@@ -156,6 +174,8 @@ class Scheduler:
         with self._cv:
             self._stopping = True
             self._cv.notify()
+            if self._listener is not None:
+                self._listener.stop()
         self.notifier.stop()
 
     # -- the I/O thread ---------------------------------------------------------------------

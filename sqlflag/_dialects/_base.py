@@ -71,6 +71,8 @@ class Dialect(abc.ABC):
     """
 
     name: ClassVar[str]
+    #: Channel a release notifies (PostgreSQL LISTEN/NOTIFY); None where there is none.
+    notify_channel: ClassVar[str | None] = None
 
     def __init__(self) -> None:
         self.check = self.build_check()
@@ -132,6 +134,9 @@ class Dialect(abc.ABC):
         """What the check's result means."""
 
     def build_release(self) -> sa.Executable:
+        return self.release_update()
+
+    def release_update(self) -> sa.Update:
         """End our tenure now so a follower takes over at its next check."""
         return (
             sa.update(t)
@@ -182,6 +187,18 @@ class Dialect(abc.ABC):
         }
 
     # -- sessions ---------------------------------------------------------------------------
+
+    def configure_dbapi(self, dbapi_connection: Any, timeout: float) -> None:
+        """Bound, on the client, every wait of this driver connection for the server.
+
+        Called once on each connection sqlflag keeps, right after connecting and before
+        :meth:`session_setup`, with the DBAPI connection
+        (``sa.Connection.connection.dbapi_connection``). Server-side timeouts end a statement
+        stuck on a lock, but not one whose network or server stopped answering; after this
+        hook such a statement fails within :func:`client_bound` ``(timeout)`` seconds.
+        Default: nothing (drivers without sockets, or with their own bound).
+        """
+        return
 
     @abc.abstractmethod
     def session_setup(self, timeout: float, server_info: str) -> list[str]:

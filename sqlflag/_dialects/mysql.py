@@ -21,6 +21,7 @@ from sqlalchemy.dialects.mysql import insert
 from sqlalchemy.engine import CursorResult
 
 from ._base import Dialect, InvalidRow, Outcome, t
+from ._watchdog import client_bound
 
 #: Added to the microseconds left so that "lost" values never collide with a token or 0.
 OFFSET = 1 << 62
@@ -76,6 +77,17 @@ class MySQL(Dialect):
 
     def build_ensure_row(self) -> sa.Executable:
         return insert(t).values(self.ensure_values()).prefix_with("IGNORE")
+
+    def configure_dbapi(self, dbapi_connection: Any, timeout: float) -> None:
+        # PyMySQL applies these to its (blocking) socket before every read and write; they
+        # are what its ``read_timeout``/``write_timeout`` connect arguments set. A timed-out
+        # read closes the connection and raises OperationalError 2013 from a TimeoutError.
+        if type(dbapi_connection).__module__.startswith("pymysql") and hasattr(
+            dbapi_connection, "_read_timeout"
+        ):
+            bound = client_bound(timeout)
+            dbapi_connection._read_timeout = bound
+            dbapi_connection._write_timeout = bound
 
     def session_setup(self, timeout: float, server_info: str) -> list[str]:
         statements = [f"SET SESSION innodb_lock_wait_timeout = {max(1, math.ceil(timeout))}"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import math
 from datetime import timedelta
 from typing import Any
@@ -11,10 +12,12 @@ from sqlalchemy.dialects.postgresql import insert
 from sqlalchemy.engine import CursorResult
 
 from ._base import Dialect, Outcome, as_seconds, as_token, t
+from ._watchdog import bound_psycopg, client_bound
 
 
 class PostgreSQL(Dialect):
     name = "postgresql"
+    notify_channel = "sqlflag_released"
 
     def now(self) -> sa.ColumnElement[Any]:
         # statement_timestamp(), not now(): now() is the transaction's start.
@@ -61,9 +64,27 @@ class PostgreSQL(Dialect):
             holder_token=None if token is None else as_token(token),
         )
 
+    def build_release(self) -> sa.Executable:
+        # The same round trip also tells listening followers (builder.listen()) at once.
+        released = self.release_update().returning(t.c.name).cte("released")
+        channel = sa.literal(self.notify_channel, sa.String)
+        return sa.select(sa.func.pg_notify(channel, released.c.name)).select_from(released)
+
     def build_ensure_row(self) -> sa.Executable:
         stmt = insert(t).values(self.ensure_values())
         return stmt.on_conflict_do_nothing(index_elements=["name"])
+
+    def configure_dbapi(self, dbapi_connection: Any, timeout: float) -> None:
+        # psycopg 3 (sync): its waits have no bound of their own. asyncpg and the async
+        # psycopg connection are bounded by the async shell (asyncio timeouts) instead.
+        wait = getattr(dbapi_connection, "wait", None)
+        if (
+            type(dbapi_connection).__module__.startswith("psycopg")
+            and hasattr(dbapi_connection, "pgconn")
+            and callable(wait)
+            and not inspect.iscoroutinefunction(wait)
+        ):
+            bound_psycopg(dbapi_connection, client_bound(timeout))
 
     def session_setup(self, timeout: float, server_info: str) -> list[str]:
         ms = max(1, math.ceil(timeout * 1000))
