@@ -1,5 +1,8 @@
 """``python -m sqlflag``: the ``sqlflag`` command line."""
 
-from sqlflag._cli import main
+try:
+    from sqlflag._cli import main
+except KeyboardInterrupt:  # Ctrl-C while SQLAlchemy and Alembic are still importing
+    raise SystemExit(130) from None
 
 raise SystemExit(main())

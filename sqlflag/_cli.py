@@ -203,6 +203,12 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     parents = [_common_parent()]
     _add_migrate(subparsers, parents)
+    # Imported here: these modules import helpers from this one.
+    from sqlflag import _cli_run, _cli_status, _demo
+
+    _cli_status.add_parser(subparsers, parents)
+    _cli_run.add_parser(subparsers, parents)
+    _demo.add_parser(subparsers, parents)
     return parser
 
 

@@ -1,0 +1,297 @@
+"""``sqlflag status``: who holds which flag, with which token, for how long still.
+
+Also the helpers the other commands share to open the database: :func:`open_engine` (a sync
+engine with a bounded connect time, never creating an SQLite file by accident) and
+:func:`require_table` (a missing table becomes one line telling to run ``sqlflag migrate``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any, TextIO
+
+import sqlalchemy as sa
+
+from sqlflag._cli import (
+    EXIT_ERROR,
+    EXIT_OK,
+    PROG,
+    CliError,
+    SubParsers,
+    describe_error,
+    parse_url,
+    resolve_url,
+    safe_url,
+)
+from sqlflag._inspect import FlagState, inspect
+from sqlflag._schema import TABLE_NAME, table
+
+__all__ = ["add_parser", "format_seconds", "open_engine", "require_table", "state_rows"]
+
+#: How long connecting may take before the command gives up (drivers that support a bound).
+CONNECT_TIMEOUT = 10
+_CONNECT_TIMEOUT_ARG = {"psycopg": "connect_timeout", "psycopg2": "connect_timeout",
+                        "pymysql": "connect_timeout", "mysqldb": "connect_timeout"}
+
+
+# --------------------------------------------------------------------------- shared helpers
+
+
+def open_engine(cli_url: str | None, **options: Any) -> tuple[sa.URL, sa.Engine]:
+    """A sync engine on ``--url`` / ``$SQLFLAG_URL`` / the default, or :class:`CliError`.
+
+    An SQLite file that does not exist is an error (connecting would create an empty one), as
+    is an async driver (the command line uses sync drivers).
+    """
+    url = parse_url(resolve_url(cli_url))
+    dialect = url.get_dialect()
+    if getattr(dialect, "is_async", False):
+        raise CliError(
+            f"{safe_url(url)} names the async driver {url.drivername!r}; the command line "
+            "needs a sync one, for example postgresql+psycopg, mysql+pymysql or sqlite"
+        )
+    if url.get_backend_name() == "sqlite":
+        database = url.database or ""
+        if database in ("", ":memory:") or database.startswith("file:"):
+            if not database.startswith("file:"):
+                raise CliError(
+                    f"{safe_url(url)} is an in-memory SQLite database, private to one "
+                    "process: use a file, for example sqlite:///sqlflag.db"
+                )
+        elif not os.path.exists(database):
+            raise CliError(
+                f"the SQLite database file {database!r} does not exist: run `{PROG} migrate` "
+                "first (with the same --url)"
+            )
+    arg = _CONNECT_TIMEOUT_ARG.get(url.get_driver_name())
+    if arg is not None and arg not in url.query:
+        connect_args = dict(options.pop("connect_args", {}))
+        connect_args.setdefault(arg, CONNECT_TIMEOUT)
+        options["connect_args"] = connect_args
+    return url, sa.create_engine(url, **options)
+
+
+def missing_table_message(url: sa.URL) -> str:
+    return (
+        f"table {TABLE_NAME!r} does not exist in {safe_url(url)}: run `{PROG} migrate` first "
+        "(with the same --url)"
+    )
+
+
+def require_table(conn: sa.Connection, url: sa.URL) -> None:
+    """:class:`CliError` telling to run ``sqlflag migrate`` when the table is missing."""
+    if not sa.inspect(conn).has_table(TABLE_NAME):
+        raise CliError(missing_table_message(url))
+
+
+def format_seconds(seconds: float) -> str:
+    """``12.3 s``, ``4 min 05 s``, ``2 h 03 min``, ``3 d 04 h``."""
+    seconds = abs(seconds)
+    if seconds < 100:
+        return f"{seconds:.1f} s"
+    whole = int(seconds)
+    if whole < 3600:
+        return f"{whole // 60} min {whole % 60:02d} s"
+    if whole < 86400:
+        return f"{whole // 3600} h {whole % 3600 // 60:02d} min"
+    return f"{whole // 86400} d {whole % 86400 // 3600:02d} h"
+
+
+# --------------------------------------------------------------------------- reading
+
+
+def _released_names(conn: sa.Connection, name: str | None) -> set[str]:
+    """Flags whose last tenure ended by a release (close() sets both times to one instant)."""
+    stmt = sa.select(table.c.name).where(table.c.renewed_at == table.c.expires_at)
+    if name is not None:
+        stmt = stmt.where(table.c.name == name)
+    return {row[0] for row in conn.execute(stmt)}
+
+
+def read_states(engine: sa.Engine, url: sa.URL, name: str | None) -> tuple[
+    list[FlagState], set[str]
+]:
+    with engine.connect() as conn:
+        require_table(conn, url)
+        states = inspect(conn, name)
+        released = _released_names(conn, name)
+    return states, released
+
+
+def lease_text(state: FlagState, released: bool) -> str:
+    if state.raised:
+        return f"{format_seconds(state.expires_in)} left"
+    if state.holder is None:
+        return "never held"
+    if not math.isfinite(state.expires_in):
+        return "expired"
+    ago = format_seconds(state.expires_in)
+    return f"released {ago} ago" if released else f"expired {ago} ago"
+
+
+def state_rows(states: Sequence[FlagState], released: set[str]) -> list[list[str]]:
+    return [
+        [s.name, s.holder or "-", str(s.token), lease_text(s, s.name in released)]
+        for s in states
+    ]
+
+
+def render_table(states: Sequence[FlagState], released: set[str]) -> str:
+    header = ["NAME", "HOLDER", "TOKEN", "LEASE"]
+    rows = [header, *state_rows(states, released)]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+    lines = []
+    for row in rows:
+        cells = [
+            row[0].ljust(widths[0]),
+            row[1].ljust(widths[1]),
+            row[2].rjust(widths[2]),
+            row[3],
+        ]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def as_json(states: Sequence[FlagState]) -> list[dict[str, Any]]:
+    out = []
+    for state in states:
+        item = state.as_dict()
+        left = item["expires_in"]
+        item["expires_in"] = round(left, 3) if math.isfinite(left) else None
+        out.append(item)
+    return out
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def add_parser(subparsers: SubParsers, parents: Sequence[argparse.ArgumentParser]) -> None:
+    parser = subparsers.add_parser(
+        "status",
+        parents=list(parents),
+        help="show who holds each flag, with its token and the lease left",
+        description=(
+            "Show every flag (or one, with --name): its holder, its fencing token and how long "
+            "the lease still runs by the database clock. Read-only: it takes no part in the "
+            "election."
+        ),
+        epilog=(
+            "LEASE reads '12.3 s left' while held, 'expired 4.0 s ago' once a holder stopped "
+            "renewing (crashed, frozen, cut off), 'released 4.0 s ago' after a graceful "
+            "close, 'never held' for a flag nobody has raised yet. Exit codes: 0 success "
+            "(also when --watch is stopped with Ctrl-C), 1 error (bad URL, unreachable "
+            "database, missing table), 2 bad command line."
+        ),
+    )
+    parser.add_argument("--name", metavar="N", help="show only the flag named N")
+    parser.add_argument(
+        "--watch",
+        action="store_true",
+        help="refresh until Ctrl-C (in place on a terminal; with --json, one list per line)",
+    )
+    parser.add_argument(
+        "--every",
+        type=_positive_seconds,
+        default=1.0,
+        metavar="S",
+        help="seconds between refreshes with --watch (default: %(default)s)",
+    )
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print a JSON list of objects with the fields of sqlflag.FlagState "
+        "(name, holder, token, expires_in, raised)",
+    )
+    parser.set_defaults(handler=cmd_status)
+
+
+def _positive_seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than zero: {text!r}")
+    return value
+
+
+def _print_once(
+    engine: sa.Engine, url: sa.URL, args: argparse.Namespace, out: TextIO
+) -> None:
+    states, released = read_states(engine, url, args.name)
+    if args.json:
+        print(json.dumps(as_json(states)), file=out)
+    elif states:
+        print(render_table(states, released), file=out)
+    elif args.name is not None:
+        print(f"no flag named {args.name!r} in {safe_url(url)}", file=out)
+    else:
+        print(f"no flags in {safe_url(url)} yet", file=out)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    url: sa.URL | None = None
+    out = sys.stdout
+    try:
+        url, engine = open_engine(args.url)
+    except Exception as exc:
+        print(f"{PROG}: error: {describe_error(exc, url)}", file=sys.stderr)
+        return EXIT_ERROR
+    try:
+        try:
+            if not args.watch:
+                _print_once(engine, url, args, out)
+                return EXIT_OK
+            return _watch(engine, url, args, out)
+        except Exception as exc:
+            print(f"{PROG}: error: {describe_error(exc, url)}", file=sys.stderr)
+            return EXIT_ERROR
+    finally:
+        engine.dispose()
+
+
+def _watch(engine: sa.Engine, url: sa.URL, args: argparse.Namespace, out: TextIO) -> int:
+    """Refresh every ``--every`` seconds until Ctrl-C. The first read must succeed; a later
+    error is shown in place of the table and the watch goes on."""
+    tty = out.isatty() and not args.json
+    first = True
+    try:
+        while True:
+            started = time.monotonic()
+            if args.json:
+                try:
+                    _print_once(engine, url, args, out)
+                except Exception as exc:
+                    if first:
+                        raise
+                    print(f"{PROG}: error: {describe_error(exc, url)}", file=sys.stderr)
+            else:
+                try:
+                    states, released = read_states(engine, url, args.name)
+                    body = render_table(states, released) if states else "no flags yet"
+                except Exception as exc:
+                    if first:
+                        raise
+                    body = f"error: {describe_error(exc, url)}"
+                stamp = datetime.now().strftime("%H:%M:%S")
+                head = (
+                    f"{PROG} status  {safe_url(url)}  {stamp}  "
+                    f"(every {args.every:g} s, Ctrl-C to stop)"
+                )
+                if tty:
+                    out.write("\x1b[H\x1b[2J")  # home, clear screen
+                elif not first:
+                    out.write("\n")
+                out.write(f"{head}\n\n{body}\n")
+            out.flush()
+            first = False
+            time.sleep(max(0.0, args.every - (time.monotonic() - started)))
+    except KeyboardInterrupt:
+        return EXIT_OK

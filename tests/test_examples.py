@@ -1,0 +1,181 @@
+"""The examples in ``examples/`` run as a user would run them, against every database."""
+
+from __future__ import annotations
+
+import contextlib
+import importlib.util
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import pytest
+import sqlalchemy as sa
+
+ROOT = Path(__file__).resolve().parents[1]
+EXAMPLES = ROOT / "examples"
+ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "postgresql": "postgresql+asyncpg",
+                 "mysql": "mysql+aiomysql"}
+
+
+def env(**extra: str) -> dict[str, str]:
+    out = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SQLFLAG_URL")}
+    if os.environ.get("SQLFLAG_EXPECT_INSTALLED") != "1":
+        out["PYTHONPATH"] = str(ROOT)
+    out.update(extra)
+    return out
+
+
+def async_url(url: str) -> str:
+    parsed = sa.make_url(url)
+    driver = ASYNC_DRIVERS[parsed.get_backend_name()]
+    return parsed.set(drivername=driver).render_as_string(hide_password=False)
+
+
+def load(name: str) -> ModuleType:
+    spec = importlib.util.spec_from_file_location(f"example_{name}", EXAMPLES / f"{name}.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+# --------------------------------------------------------------------------- Starlette
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def get(port: int) -> dict[str, Any] | None:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as response:
+            return json.loads(response.read())  # type: ignore[no-any-return]
+    except OSError:
+        return None
+
+
+@pytest.fixture
+def instances(db_url: str, flag_name: str, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    """Two uvicorn processes serving examples/starlette_app.py on one flag."""
+    procs: dict[str, Any] = {}
+    for process in ("web-a", "web-b"):
+        port = free_port()
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "starlette_app:app", "--app-dir", str(EXAMPLES),
+             "--host", "127.0.0.1", "--port", str(port)],
+            cwd=tmp_path,
+            env=env(SQLFLAG_URL=async_url(db_url), FLAG_NAME=flag_name,
+                    SQLFLAG_PROCESS=process, FLAG_INTERVAL="2", JOB_EVERY="0.1"),
+            stdout=open(tmp_path / f"{process}.out", "w"),  # noqa: SIM115
+            stderr=subprocess.STDOUT,
+        )
+        procs[process] = {"proc": proc, "port": port, "out": tmp_path / f"{process}.out"}
+    yield procs
+    for item in procs.values():
+        if item["proc"].poll() is None:
+            item["proc"].kill()
+        item["proc"].wait()
+
+
+def test_starlette_job_runs_on_the_leader_only(instances: dict[str, Any]) -> None:
+    def both() -> dict[str, dict[str, Any]] | None:
+        answers = {name: get(item["port"]) for name, item in instances.items()}
+        return answers if all(answers.values()) else None  # type: ignore[return-value]
+
+    deadline = time.monotonic() + 30
+    while (answers := both()) is None or not any(a["jobs_run"] >= 5 for a in answers.values()):
+        for item in instances.values():
+            assert item["proc"].poll() is None, item["out"].read_text()
+        assert time.monotonic() < deadline, f"no leader running the job: {answers}"
+        time.sleep(0.1)
+    leaders = [name for name, a in answers.items() if a["leader"]]
+    assert len(leaders) == 1, answers
+    [leader] = leaders
+    [other] = [name for name in answers if name != leader]
+    assert answers[other]["jobs_run"] == 0 and answers[other]["token"] is None
+    first_token = answers[leader]["token"]
+
+    # A graceful shutdown of the leader releases the flag: the other one runs the job now.
+    instances[leader]["proc"].send_signal(signal.SIGTERM)
+    # uvicorn shuts down gracefully, then (since 0.29) re-raises the signal it got.
+    assert instances[leader]["proc"].wait(30) in (0, -signal.SIGTERM)
+    assert "Application shutdown complete" in instances[leader]["out"].read_text()
+    deadline = time.monotonic() + 10  # one check of a 2 s lease, with room to spare
+    while not ((a := get(instances[other]["port"])) and a["jobs_run"] >= 3):
+        assert time.monotonic() < deadline, a
+        time.sleep(0.1)
+    assert a["leader"] and a["token"] == first_token + 1
+    out = instances[leader]["out"].read_text()
+    assert f"job run #1 with token {first_token}" in out
+    assert "with token" not in instances[other]["out"].read_text().split(
+        f"with token {first_token + 1}"
+    )[0], "the follower ran the job before it led"
+
+
+# --------------------------------------------------------------------------- fenced job
+
+
+def test_fenced_job_two_processes_hand_over_and_stale_writes_are_refused(
+    db_url: str, flag_name: str, tmp_path: Path
+) -> None:
+    script = EXAMPLES / "fenced_job.py"
+    common = ["--url", db_url, "--name", flag_name, "--interval", "1", "--every", "0.1",
+              "--jobs", "5"]
+    procs = {
+        p: subprocess.Popen(
+            [sys.executable, str(script), *common, "--process", p], cwd=tmp_path, env=env(),
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+        for p in ("job-a", "job-b")
+    }
+    try:
+        outputs = {p: proc.communicate(timeout=60) for p, proc in procs.items()}
+    finally:
+        for proc in procs.values():
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    for p, proc in procs.items():
+        assert proc.returncode == 0, outputs[p]
+        assert outputs[p][0].count("written with token") == 5, outputs[p]
+
+    module = load("fenced_job")
+    engine = sa.create_engine(db_url, poolclass=sa.NullPool)
+    try:
+        with engine.connect() as conn:
+            rows = conn.execute(
+                sa.select(module.history.c.token, module.history.c.written_by)
+                .where(module.history.c.written_by.in_(["job-a", "job-b"]))
+                .order_by(module.history.c.id)
+            ).all()
+        # One leader after the other: five writes with one token, then five with a newer one.
+        assert len(rows) == 10
+        first, second = rows[0], rows[5]
+        assert {r.written_by for r in rows[:5]} == {first.written_by}
+        assert {r.token for r in rows[:5]} == {first.token}
+        assert {r.written_by for r in rows[5:]} == {second.written_by} != {first.written_by}
+        assert {r.token for r in rows[5:]} == {second.token}
+        assert second.token > first.token
+
+        # The deposed leader's token is refused; the current one is accepted.
+        with engine.begin() as conn:
+            assert not module.fenced_write(conn, first.token, "late", "stale report")
+            assert module.fenced_write(conn, second.token, "still-current", "fresh report")
+        with engine.connect() as conn:
+            row = conn.execute(sa.select(module.report).where(module.report.c.id == 1)).one()
+        assert row.written_by == "still-current" and row.token == second.token
+    finally:
+        with contextlib.suppress(Exception), engine.begin() as conn:
+            module.metadata.drop_all(conn)
+        engine.dispose()
