@@ -227,6 +227,8 @@ class AsyncScheduler:
             conn = await self.engine.connect()
             try:
                 conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+                raw = await conn.get_raw_connection()
+                self.dialect.configure_dbapi(raw.dbapi_connection, self.timeout)
                 dialect = conn.dialect
                 info = str(getattr(dialect, "server_version_info", "")) + (
                     " mariadb" if getattr(dialect, "is_mariadb", False) else ""

@@ -84,6 +84,8 @@ def classify(exc: BaseException) -> str:
     if isinstance(exc, sa.exc.TimeoutError | TimeoutError) or _caused_by_timeout(exc):
         return "timeout"
     orig = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
+    if type(orig).__name__ == "ConnectionTimeout":  # psycopg: connect_timeout ran out
+        return "timeout"
     if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
         return "connection"
     # MySQL drivers: a numeric error code first (PyMySQL also sets a ``sqlstate``, but a

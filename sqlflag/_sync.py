@@ -100,6 +100,7 @@ class Scheduler:
             return found
 
     def __init__(self, engine: sa.Engine, dialect: Dialect, timeout: float, key: Any) -> None:
+        _bound_connects(engine, dialect)
         self.engine = engine
         self.dialect = dialect
         self.timeout = timeout
@@ -280,9 +281,14 @@ class Scheduler:
 
     def _connection(self) -> sa.Connection:
         if self._conn is None:
-            conn = self.engine.connect()
+            _connecting.timeout = self.timeout
+            try:
+                conn = self.engine.connect()
+            finally:
+                _connecting.timeout = None
             try:
                 conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+                self.dialect.configure_dbapi(conn.connection.dbapi_connection, self.timeout)
                 info = str(getattr(conn.dialect, "server_version_info", "")) + (
                     " mariadb" if getattr(conn.dialect, "is_mariadb", False) else ""
                 )
@@ -446,6 +452,32 @@ class Flag(FlagBase):
 
 
 _live: weakref.WeakSet[Flag] = weakref.WeakSet()
+
+
+class _Connecting(threading.local):
+    timeout: float | None = None
+
+
+_connecting = _Connecting()
+_bounded: weakref.WeakSet[sa.Engine] = weakref.WeakSet()
+
+
+def _bound_connects(engine: sa.Engine, dialect: Dialect) -> None:
+    """Bound connecting for sqlflag's own connections on ``engine`` (once per engine): while
+    a scheduler connects, the driver gets a connect timeout unless the app set one."""
+    if engine in _bounded:
+        return
+    _bounded.add(engine)
+    driver = engine.dialect.driver
+
+    @sa.event.listens_for(engine, "do_connect")
+    def _add_connect_timeout(
+        dialect_: sa.Dialect, conn_rec: Any, cargs: Any, cparams: dict[str, Any]
+    ) -> None:
+        timeout = _connecting.timeout
+        if timeout is not None:
+            for key, value in dialect.connect_params(driver, timeout).items():
+                cparams.setdefault(key, value)
 
 
 @atexit.register

@@ -188,6 +188,12 @@ class Dialect(abc.ABC):
 
     # -- sessions ---------------------------------------------------------------------------
 
+    def connect_params(self, driver: str, timeout: float) -> dict[str, Any]:
+        """Driver connect arguments that bound how long connecting may hang (a server or
+        network that stopped answering); added only to sqlflag's own connections, and only
+        where the application's engine does not set them already."""
+        return {}
+
     def configure_dbapi(self, dbapi_connection: Any, timeout: float) -> None:
         """Bound, on the client, every wait of this driver connection for the server.
 

@@ -78,6 +78,12 @@ class MySQL(Dialect):
     def build_ensure_row(self) -> sa.Executable:
         return insert(t).values(self.ensure_values()).prefix_with("IGNORE")
 
+    def connect_params(self, driver: str, timeout: float) -> dict[str, Any]:
+        if driver == "pymysql":  # connect_timeout covers the TCP connect, not the handshake
+            bound = client_bound(timeout)
+            return {"connect_timeout": bound, "read_timeout": bound, "write_timeout": bound}
+        return {}
+
     def configure_dbapi(self, dbapi_connection: Any, timeout: float) -> None:
         # PyMySQL applies these to its (blocking) socket before every read and write; they
         # are what its ``read_timeout``/``write_timeout`` connect arguments set. A timed-out

@@ -74,6 +74,11 @@ class PostgreSQL(Dialect):
         stmt = insert(t).values(self.ensure_values())
         return stmt.on_conflict_do_nothing(index_elements=["name"])
 
+    def connect_params(self, driver: str, timeout: float) -> dict[str, Any]:
+        if driver == "psycopg":  # libpq counts whole seconds, at least 2
+            return {"connect_timeout": max(2, math.ceil(client_bound(timeout)))}
+        return {}
+
     def configure_dbapi(self, dbapi_connection: Any, timeout: float) -> None:
         # psycopg 3 (sync): its waits have no bound of their own. asyncpg and the async
         # psycopg connection are bounded by the async shell (asyncio timeouts) instead.
