@@ -80,6 +80,10 @@ class PostgreSQL(Dialect):
         return {}
 
     def configure_dbapi(self, dbapi_connection: Any, timeout: float) -> None:
+        # psycopg prepares a statement on its 5th execution and waits for the Parse reply
+        # first: one more round trip. The statements are tiny; never prepare them.
+        if hasattr(dbapi_connection, "prepare_threshold"):
+            dbapi_connection.prepare_threshold = None
         # psycopg 3 (sync): its waits have no bound of their own. asyncpg and the async
         # psycopg connection are bounded by the async shell (asyncio timeouts) instead.
         wait = getattr(dbapi_connection, "wait", None)

@@ -1,0 +1,1 @@
+"""Helpers for the test suite: a TCP proxy, direct row edits, samplers, a subprocess worker."""

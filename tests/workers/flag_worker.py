@@ -1,0 +1,94 @@
+"""A flag in a process of its own, for tests that freeze (SIGSTOP) or kill (SIGKILL) it.
+
+It builds the flag, writes ``# built``, then reads ``raised`` and ``token`` every ~2 ms and
+appends one line per reading: ``t0 t1 raised token``, where t0 and t1 are CLOCK_BOOTTIME just
+before and after the reads (system-wide, so the test compares them with other processes). A
+line is flushed at once when ``raised`` changes, so the test can follow along. SIGTERM closes
+the flag (releasing the lease) and exits 0.
+
+SIGUSR1 freezes the process from inside: the handler sends itself SIGSTOP while its thread
+holds the GIL, and once the test sends SIGCONT it reads the flag before returning, a reading
+marked ``woke``. With a switch interval far longer than the freeze, no other thread of this
+process (the flag's I/O thread, its notifier) can run between the wake-up and that reading:
+it is the first read after waking, before the flag's loop runs again (SPEC §3).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--url", required=True)
+    parser.add_argument("--name", required=True)
+    parser.add_argument("--process", required=True)
+    parser.add_argument("--interval", type=float, default=1.0)
+    parser.add_argument("--timeout", type=float, default=0.3)
+    parser.add_argument("--out", required=True)
+    args = parser.parse_args()
+
+    import sqlalchemy as sa
+
+    import sqlflag
+
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr)
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    engine = sa.create_engine(args.url)
+    flag = (
+        sqlflag.new_flag()
+        .handle(engine)
+        .name(args.name)
+        .process(args.process)
+        .interval(args.interval)
+        .timeout(args.timeout)
+        .jitter(0)
+        .build()
+    )
+    clock = time.CLOCK_BOOTTIME
+    # Threads here only compute between I/O waits: none needs to be preempted, and a long
+    # switch interval keeps the GIL with the frozen thread when the process resumes.
+    sys.setswitchinterval(30)
+    with open(args.out, "a", buffering=1 << 16) as out:
+
+        def freeze(signum: int, frame: object) -> None:
+            out.write("# freezing\n")
+            out.flush()
+            os.kill(os.getpid(), signal.SIGSTOP)  # holds the GIL until SIGCONT and after
+            t0 = time.clock_gettime(clock)
+            raised = flag.raised
+            token = flag.token
+            t1 = time.clock_gettime(clock)
+            out.write(f"{t0:.6f} {t1:.6f} {int(raised)} {token or 0} woke\n")
+            out.flush()
+
+        signal.signal(signal.SIGUSR1, freeze)
+        out.write("# built\n")
+        out.flush()
+        last = None
+        while not stop.is_set():
+            t0 = time.clock_gettime(clock)
+            raised = flag.raised
+            token = flag.token
+            t1 = time.clock_gettime(clock)
+            out.write(f"{t0:.6f} {t1:.6f} {int(raised)} {token or 0}\n")
+            if raised != last:
+                out.flush()
+                last = raised
+            time.sleep(0.002)
+        flag.close()
+        out.write("# closed\n")
+    engine.dispose()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,671 @@
+"""Test helpers shared by the flag test modules.
+
+Nothing here imitates a database: the proxy forwards real bytes to the real server (and can cut
+them, like a failed network), rows are edited with SQL written by hand, independent of the
+library's own statements, and every time is CLOCK_BOOTTIME, the clock sqlflag bounds a lease with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import sqlalchemy as sa
+
+import sqlflag
+
+REPO = Path(__file__).resolve().parents[2]
+WORKER = Path(__file__).resolve().parent / "flag_worker.py"
+
+
+def now() -> float:
+    """The clock sqlflag uses for leases (system-wide, so comparable across processes)."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+def wait_for(predicate: Any, timeout: float, step: float = 0.005) -> bool:
+    end = now() + timeout
+    while True:
+        if predicate():
+            return True
+        if now() >= end:
+            return False
+        time.sleep(step)
+
+
+# -- direct row edits, by the database clock ------------------------------------------------
+
+
+def _later_sql(dialect: str) -> str:
+    """SQL for "the database's clock now, plus :secs seconds" (hand-written, not sqlflag's)."""
+    if dialect == "postgresql":
+        return "statement_timestamp() + make_interval(secs => :secs)"
+    if dialect == "mariadb":
+        return "TIMESTAMPADD(MICROSECOND, CAST(:secs * 1000000 AS SIGNED), UTC_TIMESTAMP(6))"
+    # SQLite: milliseconds padded to microseconds, the text format sqlflag and SQLAlchemy use.
+    return "strftime('%Y-%m-%d %H:%M:%f', 'now', printf('%+.3f seconds', :secs)) || '000'"
+
+
+def _now_sql(dialect: str) -> str:
+    return {
+        "postgresql": "statement_timestamp()",
+        "mariadb": "UTC_TIMESTAMP(6)",
+        "sqlite": "strftime('%Y-%m-%d %H:%M:%f', 'now') || '000'",
+    }[dialect]
+
+
+def dialect_of(engine: sa.Engine) -> str:
+    name = engine.dialect.name
+    return "mariadb" if name in ("mysql", "mariadb") else name
+
+
+def set_row(
+    engine: sa.Engine, name: str, holder: str | None, token: int, seconds: float
+) -> None:
+    """Make the flag's row say: ``holder`` holds ``token`` until database-now + ``seconds``."""
+    d = dialect_of(engine)
+    with engine.begin() as conn:
+        conn.execute(sa.text("DELETE FROM leadership_flags WHERE name = :name"), {"name": name})
+        conn.execute(
+            sa.text(
+                "INSERT INTO leadership_flags "
+                "(name, holder, token, acquired_at, renewed_at, expires_at) "
+                f"VALUES (:name, :holder, :token, {_now_sql(d)}, {_now_sql(d)}, {_later_sql(d)})"
+            ),
+            {"name": name, "holder": holder, "token": token, "secs": seconds},
+        )
+
+
+def steal(engine: sa.Engine, name: str, holder: str, seconds: float) -> int:
+    """Take the lease by hand (a new holder, token + 1, valid for ``seconds``); the new token."""
+    d = dialect_of(engine)
+    with engine.begin() as conn:
+        conn.execute(
+            sa.text(
+                f"UPDATE leadership_flags SET holder = :holder, token = token + 1, "
+                f"renewed_at = {_now_sql(d)}, expires_at = {_later_sql(d)} WHERE name = :name"
+            ),
+            {"name": name, "holder": holder, "secs": seconds},
+        )
+        token = conn.execute(
+            sa.text("SELECT token FROM leadership_flags WHERE name = :name"), {"name": name}
+        ).scalar_one()
+    return int(token)
+
+
+def execute(engine: sa.Engine, sql: str, **params: Any) -> None:
+    with engine.begin() as conn:
+        conn.execute(sa.text(sql), params)
+
+
+def state(engine: sa.Engine, name: str) -> sqlflag.FlagState:
+    [found] = sqlflag.inspect(engine, name)
+    return found
+
+
+# -- a real TCP proxy in front of a database server -----------------------------------------
+
+
+@dataclass
+class _Link:
+    client: socket.socket
+    upstream: socket.socket
+    last: str = ""  # direction of the last bytes: "c" client to server, "s" server to client
+
+
+class TcpProxy:
+    """Forwards connections to a database server; can cut every connection and refuse new ones.
+
+    It also counts round trips: a *burst* is client data arriving after the server last spoke
+    (or first on a connection). A driver that sends BEGIN, SET or COMMIT next to a statement
+    makes more bursts than statements, whatever the driver-level API looks like.
+    """
+
+    def __init__(self, host: str, port: int) -> None:
+        self.upstream = (host, port)
+        self._lock = threading.Lock()
+        self._links: list[_Link] = []
+        self.refusing = False
+        self.accepted: list[float] = []  # times connections were attempted
+        self.bursts: list[float] = []  # times client request bursts arrived
+        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._listener.bind(("127.0.0.1", 0))
+        self._listener.listen(128)
+        self.port: int = self._listener.getsockname()[1]
+        self._thread = threading.Thread(target=self._accept, name="test-proxy", daemon=True)
+        self._thread.start()
+
+    def url(self, url: str | sa.URL) -> str:
+        return (
+            sa.make_url(url)
+            .set(host="127.0.0.1", port=self.port)
+            .render_as_string(hide_password=False)
+        )
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self._listener.accept()
+            except OSError:
+                return
+            with self._lock:
+                self.accepted.append(now())
+                refusing = self.refusing
+            if refusing:
+                _shut(client)
+                continue
+            try:
+                upstream = socket.create_connection(self.upstream, timeout=5)
+                upstream.settimeout(None)
+            except OSError:
+                _shut(client)
+                continue
+            link = _Link(client, upstream)
+            with self._lock:
+                if self.refusing:
+                    _shut(client)
+                    _shut(upstream)
+                    continue
+                self._links.append(link)
+            for src, dst, side in ((client, upstream, "c"), (upstream, client, "s")):
+                threading.Thread(
+                    target=self._pump, args=(link, src, dst, side), daemon=True
+                ).start()
+
+    def _pump(self, link: _Link, src: socket.socket, dst: socket.socket, side: str) -> None:
+        try:
+            while True:
+                data = src.recv(65536)
+                if not data:
+                    break
+                with self._lock:
+                    if side == "c" and link.last != "c":
+                        self.bursts.append(now())
+                    link.last = side
+                dst.sendall(data)
+        except OSError:
+            pass
+        finally:
+            _shut(link.client)
+            _shut(link.upstream)
+            with self._lock, contextlib.suppress(ValueError):
+                self._links.remove(link)
+
+    def refuse(self) -> None:
+        """Refuse new connections (those already open keep working)."""
+        with self._lock:
+            self.refusing = True
+
+    def cut(self) -> None:
+        """The network fails: close every connection and refuse new ones until restore()."""
+        with self._lock:
+            self.refusing = True
+            links, self._links = self._links, []
+        for link in links:
+            _shut(link.client)
+            _shut(link.upstream)
+
+    def restore(self) -> None:
+        with self._lock:
+            self.refusing = False
+
+    def close(self) -> None:
+        self.cut()
+        with contextlib.suppress(OSError):
+            self._listener.shutdown(socket.SHUT_RDWR)
+        self._listener.close()
+        self._thread.join(5)
+
+    def bursts_between(self, start: float, end: float) -> int:
+        with self._lock:
+            return sum(1 for t in self.bursts if start <= t < end)
+
+
+def _shut(sock: socket.socket) -> None:
+    with contextlib.suppress(OSError):
+        sock.shutdown(socket.SHUT_RDWR)
+    with contextlib.suppress(OSError):
+        sock.close()
+
+
+# -- cutting a flag off its database ---------------------------------------------------------
+
+
+class SqliteLock:
+    """Another connection holding an exclusive lock on the SQLite file: nobody else can write."""
+
+    def __init__(self, url: str) -> None:
+        path = sa.make_url(url).database
+        assert path
+        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self.held = False
+
+    def acquire(self) -> None:
+        self._conn.execute("BEGIN EXCLUSIVE")
+        self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self._conn.execute("ROLLBACK")
+            self.held = False
+
+    def close(self) -> None:
+        self.release()
+        self._conn.close()
+
+
+def backend_ids(engine: sa.Engine) -> list[int]:
+    """Record the server session id of every connection ``engine`` opens (list grows)."""
+    ids: list[int] = []
+    d = dialect_of(engine)
+    sql = "SELECT pg_backend_pid()" if d == "postgresql" else "SELECT CONNECTION_ID()"
+
+    @sa.event.listens_for(engine, "connect")
+    def _record(dbapi_conn: Any, _record: Any) -> None:
+        cur = dbapi_conn.cursor()
+        try:
+            cur.execute(sql)
+            ids.append(int(cur.fetchone()[0]))
+        finally:
+            cur.close()
+        dbapi_conn.rollback()  # leave the session idle, outside any transaction
+
+    return ids
+
+
+def kill_backends(admin: sa.Engine, ids: Sequence[int]) -> None:
+    """Terminate server sessions from another connection (the server hangs up on them)."""
+    d = dialect_of(admin)
+    with admin.connect() as conn:
+        for pid in list(ids):
+            if d == "postgresql":
+                conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
+            else:
+                with contextlib.suppress(sa.exc.DBAPIError):  # already gone
+                    conn.exec_driver_sql(f"KILL CONNECTION {int(pid)}")
+        conn.commit()
+
+
+# -- sampling ``raised`` ----------------------------------------------------------------------
+
+
+@dataclass
+class Sample:
+    t0: float  # just before the reads
+    t1: float  # just after
+    raised: tuple[bool, ...]
+    tokens: tuple[int | None, ...]
+
+
+@dataclass
+class Sampler:
+    """Reads ``raised`` and ``token`` of some flags every millisecond or so, in a thread."""
+
+    flags: Sequence[Any]
+    period: float = 0.001
+    samples: list[Sample] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="test-sampler", daemon=True)
+
+    def __enter__(self) -> Sampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
+
+    def stop(self) -> None:
+        # A few more samples first, so the state the test just waited for is on record.
+        seen = len(self.samples)
+        wait_for(lambda: len(self.samples) >= seen + 3 or not self._thread.is_alive(), 2)
+        self._stop.set()
+        self._thread.join(5)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t0 = now()
+            raised = tuple(f.raised for f in self.flags)
+            tokens = tuple(f.token for f in self.flags)
+            t1 = now()
+            self.samples.append(Sample(t0, t1, raised, tokens))
+            time.sleep(self.period)
+
+    def overlaps(self) -> list[Sample]:
+        """Samples in which more than one flag read ``raised == True``."""
+        return [s for s in self.samples if sum(s.raised) > 1]
+
+    def first(self, index: int, value: bool, after: float = float("-inf")) -> Sample | None:
+        for s in self.samples:
+            if s.t0 >= after and s.raised[index] == value:
+                return s
+        return None
+
+
+# -- engines and flags ------------------------------------------------------------------------
+
+
+class Pool:
+    """Engines (one per simulated process) and flags, all cleaned up at the end of a test."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        self.engines: list[sa.Engine] = []
+        self.flags: list[sqlflag.Flag] = []
+        self.proxies: list[TcpProxy] = []
+        self.locks: list[SqliteLock] = []
+
+    def engine(self, url: str | None = None, **kw: Any) -> sa.Engine:
+        eng = sa.create_engine(url or self.url, **kw)
+        self.engines.append(eng)
+        return eng
+
+    def proxy(self) -> TcpProxy:
+        u = sa.make_url(self.url)
+        assert u.host and u.port, "a server dialect"
+        p = TcpProxy(u.host, u.port)
+        self.proxies.append(p)
+        return p
+
+    def sqlite_lock(self) -> SqliteLock:
+        lock = SqliteLock(self.url)
+        self.locks.append(lock)
+        return lock
+
+    def flag(self, engine: sa.Engine, name: str, process: str, **options: Any) -> sqlflag.Flag:
+        settings = {"interval": 1.0, "timeout": 0.3, "jitter": 0.0, **options}
+        builder = sqlflag.new_flag().handle(engine).name(name).process(process)
+        for key, value in settings.items():
+            method = getattr(builder, key)
+            for item in value if key in ("on_raised", "on_lowered") else [value]:
+                method(item)
+        flag = builder.build()
+        self.flags.append(flag)
+        return flag
+
+    def close(self) -> None:
+        for lock in self.locks:
+            lock.close()
+        for p in self.proxies:
+            p.restore()
+        for flag in self.flags:
+            flag.close()
+        for p in self.proxies:
+            p.close()
+        for eng in self.engines:
+            eng.dispose()
+
+
+# -- a flag in another process ----------------------------------------------------------------
+
+
+@dataclass
+class Reading:
+    t0: float
+    t1: float
+    raised: bool
+    token: int
+    woke: bool = False  # the reading made on waking from a freeze (see flag_worker.py)
+
+
+class Worker:
+    """``flag_worker.py`` in a subprocess: it builds a flag and logs every reading of it."""
+
+    def __init__(  # noqa: PLR0917
+        self,
+        url: str,
+        name: str,
+        process: str,
+        out: Path,
+        interval: float = 1.0,
+        timeout: float = 0.3,
+    ) -> None:
+        self.out = out
+        self.err = out.with_suffix(".err")
+        self._err = self.err.open("wb")
+        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        self.proc = subprocess.Popen(
+            [
+                sys.executable,
+                str(WORKER),
+                "--url", url,
+                "--name", name,
+                "--process", process,
+                "--interval", str(interval),
+                "--timeout", str(timeout),
+                "--out", str(out),
+            ],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=self._err,  # a file, not a pipe: a chatty worker never blocks on it
+        )
+
+    def readings(self) -> list[Reading]:
+        if not self.out.exists():
+            return []
+        out = []
+        for line in self.out.read_text().splitlines():
+            parts = line.split()
+            if len(parts) in (4, 5) and not line.startswith("#"):
+                out.append(
+                    Reading(
+                        float(parts[0]),
+                        float(parts[1]),
+                        parts[2] == "1",
+                        int(parts[3]),
+                        parts[4:] == ["woke"],
+                    )
+                )
+        return out
+
+    def built(self) -> bool:
+        return self.out.exists() and "# built" in self.out.read_text()
+
+    def first_raised(self) -> Reading | None:
+        return next((r for r in self.readings() if r.raised), None)
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
+
+    def stopped(self) -> bool:
+        """True while the process is stopped by a signal (state T in /proc)."""
+        stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
+        return stat.rsplit(")", 1)[1].split()[0] == "T"
+
+    def freeze(self) -> None:
+        """Have the worker SIGSTOP itself from its SIGUSR1 handler; wait until it is stopped."""
+        self.proc.send_signal(signal.SIGUSR1)
+        assert wait_for(self.stopped, 5, 0.001), "the worker did not stop"
+
+    def stop(self, timeout: float = 10) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait(timeout)
+        finally:
+            self._err.close()
+
+    def stderr(self) -> str:
+        return self.err.read_text(errors="replace") if self.err.exists() else ""
+
+
+def raised_runs(readings: Sequence[Reading]) -> list[tuple[float, float, int]]:
+    """Stretches of consecutive ``raised`` readings: (first reading's start, last one's end,
+    token). The flag was surely raised from the first to the last of them."""
+    runs: list[tuple[float, float, int]] = []
+    start: Reading | None = None
+    last: Reading | None = None
+    for r in [*readings, Reading(0, 0, False, 0)]:
+        if r.raised and start is not None and last is not None and r.token == last.token:
+            last = r
+            continue
+        if start is not None and last is not None:
+            runs.append((start.t0, last.t1, start.token))
+            start = last = None
+        if r.raised:
+            start = last = r
+    return runs
+
+
+def unique(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:8]}"
+
+
+@contextlib.contextmanager
+def captured_thread_errors() -> Iterator[list[BaseException]]:
+    """Exceptions that escape any thread while the block runs."""
+    errors: list[BaseException] = []
+    previous = threading.excepthook
+
+    def hook(args: threading.ExceptHookArgs) -> None:
+        if args.exc_value is not None:
+            errors.append(args.exc_value)
+        previous(args)
+
+    threading.excepthook = hook
+    try:
+        yield errors
+    finally:
+        threading.excepthook = previous
+
+
+# -- what an engine sends ---------------------------------------------------------------------
+
+
+@dataclass
+class Statement:
+    start: float  # before the cursor executes (the core took t_sent just before this)
+    sql: str
+    params: Any
+    end: float | None = None  # set when it succeeded
+    failed: float | None = None  # set when it raised
+    thread: str = field(default_factory=lambda: threading.current_thread().name)
+
+    @property
+    def by_flag(self) -> bool:
+        """Sent by a flag's loop (its I/O thread), not by build() or the test."""
+        return self.thread.startswith("sqlflag")
+
+
+class StatementLog:
+    """Every statement an engine's cursors execute, with times, and every connect attempt."""
+
+    def __init__(self, engine: sa.Engine) -> None:
+        self.statements: list[Statement] = []
+        self.connects: list[float] = []
+        self.errors: list[float] = []
+
+        @sa.event.listens_for(engine, "before_cursor_execute")
+        def _before(*args: Any) -> None:
+            _conn, _cursor, sql, params, context, _many = args
+            entry = Statement(now(), sql, params)
+            self.statements.append(entry)
+            if context is not None:
+                context._test_entry = entry
+
+        @sa.event.listens_for(engine, "after_cursor_execute")
+        def _after(*args: Any) -> None:
+            context = args[4]
+            entry = getattr(context, "_test_entry", None)
+            if entry is not None:
+                entry.end = now()
+
+        @sa.event.listens_for(engine, "handle_error")
+        def _error(ctx: Any) -> None:
+            t = now()
+            self.errors.append(t)
+            entry = getattr(ctx.execution_context, "_test_entry", None)
+            if entry is not None:
+                entry.failed = t
+
+        @sa.event.listens_for(engine, "do_connect")
+        def _connect(dialect: Any, rec: Any, cargs: Any, cparams: Any) -> None:
+            self.connects.append(now())
+
+    def succeeded(self) -> list[Statement]:
+        return [s for s in self.statements if s.end is not None]
+
+    def last_lease_statement(self, before: float) -> float:
+        """Start of the last statement on the lease that succeeded before ``before``."""
+        return max(
+            s.start
+            for s in self.statements
+            if s.end is not None and s.end <= before and "leadership_flags" in s.sql
+        )
+
+    def wait_next(self, timeout: float) -> Statement | None:
+        """Block until a statement started after now succeeds; return it."""
+        start = now()
+        found: list[Statement] = []
+
+        def done() -> bool:
+            found[:] = [s for s in self.statements if s.start >= start and s.end is not None]
+            return bool(found)
+
+        return found[0] if wait_for(done, timeout) else None
+
+
+class Outage:
+    """Cuts one engine (one simulated process) off its database, then brings it back.
+
+    PostgreSQL and MariaDB: the engine goes through a :class:`TcpProxy`; the outage refuses
+    new connections and terminates the engine's server sessions (``pg_terminate_backend`` /
+    ``KILL CONNECTION``), so the server hangs up on it. SQLite: another connection holds an
+    exclusive lock on the file; that blocks every writer, not only this engine.
+    """
+
+    def __init__(self, pool: Pool) -> None:
+        self.dialect = dialect_of(sa.create_engine(pool.url))
+        self.proxy: TcpProxy | None = None
+        self.lock: SqliteLock | None = None
+        if self.dialect == "sqlite":
+            self.lock = pool.sqlite_lock()
+            self.engine = pool.engine()
+        else:
+            self.proxy = pool.proxy()
+            self.engine = pool.engine(self.proxy.url(pool.url))
+            self.sessions = backend_ids(self.engine)
+            self.admin = pool.engine()
+            with self.admin.connect():  # connected ahead, so that start() is quick
+                pass
+        self.active = False
+
+    @property
+    def local(self) -> bool:
+        """True when the outage only hits this engine (not SQLite's file lock)."""
+        return self.lock is None
+
+    def start(self) -> None:
+        self.active = True
+        if self.lock is not None:
+            self.lock.acquire()
+            return
+        assert self.proxy is not None
+        self.proxy.refuse()
+        kill_backends(self.admin, self.sessions)
+        self.proxy.cut()
+
+    def end(self) -> None:
+        self.active = False
+        if self.lock is not None:
+            self.lock.release()
+        elif self.proxy is not None:
+            self.proxy.restore()
