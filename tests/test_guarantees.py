@@ -396,7 +396,9 @@ def test_database_outage_never_escapes_the_loop(pool, flag_name, caplog):
     failures = [e for e in log.errors if t_cut < e < t_back]
     attempts = sorted(log.connects + [s.start for s in log.statements])
     gaps = [next(a for a in attempts if a > e) - e for e in failures[:-1]]
-    assert len(gaps) >= 3
+    # At least two retries even on a loaded machine (each SQLite attempt first waits out its
+    # busy timeout); their spacing is what this checks.
+    assert len(gaps) >= 2, (failures, attempts)
     assert INTERVAL / 10 * 0.7 < statistics.median(gaps) < INTERVAL / 10 + 0.15, gaps
     assert any("failed" in r.getMessage() for r in caplog.records)
 
