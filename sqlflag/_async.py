@@ -113,10 +113,11 @@ class AsyncScheduler:
             return False
         return True
 
-    def release_user(self) -> None:
+    def release_user(self) -> bool:
+        """A flag is closed; stop (and return True) when none is left."""
         self._users -= 1
         if self._users > 0:
-            return
+            return False
         per_loop = AsyncScheduler._all.get(self._loop, {})
         if per_loop.get(self._key) is self:
             del per_loop[self._key]
@@ -125,6 +126,17 @@ class AsyncScheduler:
         self._callbacks.put_nowait(None)
         if self._listener is not None:
             self._listener.stop()
+        return True
+
+    async def stopped(self, wait: float) -> None:
+        """Wait until the scheduler's tasks have finished (its connection is closed), so
+        that nothing of it is left running when the caller's event loop shuts down."""
+        tasks: set[asyncio.Task[None]] = {self.task, self.notifier}
+        if self._listener is not None:
+            tasks.add(self._listener.task)
+        if asyncio.current_task() in tasks:
+            return  # closing from a callback: the tasks end right after it
+        await asyncio.wait(tasks, timeout=wait)
 
     # -- the scheduler task -----------------------------------------------------------------
 
@@ -318,7 +330,8 @@ class AsyncFlag(FlagBase):
         self._core.metrics.close()
         if self._timer is not None:
             self._timer.cancel()
-        sched.release_user()
+        if sched.release_user():
+            await sched.stopped(2 * sched.timeout + 1)
 
     async def __aenter__(self) -> AsyncFlag:
         return self
