@@ -1,0 +1,216 @@
+"""A small TCP proxy on 127.0.0.1 whose traffic the harness can delay, black-hole or reset.
+
+Each :class:`Proxy` listens on its own port and forwards to one upstream (the database
+server). It runs an asyncio loop in a daemon thread; the control methods are thread-safe.
+
+* :meth:`Proxy.set_delay` adds latency to every chunk in both directions (order is kept).
+* :meth:`Proxy.blackhole` stops forwarding: connections stay open, bytes are held, new
+  connections are accepted (the kernel completes the TCP handshake) but hear nothing, exactly
+  like a peer that stopped answering. :meth:`Proxy.heal` delivers what was held, the way TCP
+  retransmission would after a partition ends.
+* :meth:`Proxy.reset` aborts every open connection (RST), like a firewall that lost its state.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+CHUNK = 65536
+
+
+@dataclass
+class ProxyStats:
+    accepted: int = 0
+    upstream_failures: int = 0
+    resets: int = 0
+    open: int = 0
+    #: local ports of the proxy's upstream sockets, per open connection (client port -> port)
+    upstream_ports: dict[int, int] = field(default_factory=dict)
+
+
+class Proxy:
+    """Forward 127.0.0.1:``port`` to ``upstream_host:upstream_port`` with injectable faults."""
+
+    def __init__(self, upstream_host: str, upstream_port: int, name: str = "proxy") -> None:
+        self.upstream = (upstream_host, upstream_port)
+        self.name = name
+        self.port = 0
+        self.stats = ProxyStats()
+        self._delay = 0.0
+        self._loop = asyncio.new_event_loop()
+        self._open = asyncio.Event()  # set while traffic flows (not black-holed)
+        self._conns: set[tuple[asyncio.StreamWriter, asyncio.StreamWriter | None]] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._server: asyncio.base_events.Server | None = None
+        self._thread = threading.Thread(target=self._run, name=f"harness-{name}", daemon=True)
+        self._started = threading.Event()
+
+    # -- life cycle -------------------------------------------------------------------------
+
+    def start(self) -> int:
+        self._thread.start()
+        if not self._started.wait(10):
+            raise RuntimeError(f"{self.name} did not start")
+        return self.port
+
+    def stop(self) -> None:
+        if not self._thread.is_alive():
+            return
+        fut = asyncio.run_coroutine_threadsafe(self._shutdown(), self._loop)
+        with contextlib.suppress(Exception):
+            fut.result(10)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(10)
+
+    def _run(self) -> None:
+        asyncio.set_event_loop(self._loop)
+        self._loop.run_until_complete(self._serve())
+        self._started.set()
+        self._loop.run_forever()
+        self._loop.close()
+
+    async def _serve(self) -> None:
+        self._open.set()
+        self._server = await asyncio.start_server(self._handle, "127.0.0.1", 0)
+        self.port = self._server.sockets[0].getsockname()[1]
+
+    async def _shutdown(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        self._open.set()
+        for client, upstream in list(self._conns):
+            _abort(client)
+            if upstream is not None:
+                _abort(upstream)
+        self._conns.clear()
+        tasks = [t for t in self._tasks if not t.done()]
+        if tasks:  # aborted transports end them; cancel only stragglers
+            _, pending = await asyncio.wait(tasks, timeout=2)
+            for task in pending:
+                task.cancel()
+            if pending:
+                await asyncio.wait(pending, timeout=2)
+
+    # -- control (any thread) ---------------------------------------------------------------
+
+    def set_delay(self, seconds: float) -> None:
+        """Add ``seconds`` of latency to every chunk, both directions (0 = none)."""
+        self._delay = max(0.0, seconds)
+
+    def blackhole(self) -> None:
+        """Stop forwarding anything until :meth:`heal`; connections stay open."""
+        self._loop.call_soon_threadsafe(self._open.clear)
+
+    def heal(self) -> None:
+        """Forward again (held bytes are delivered) and remove any delay."""
+        self._delay = 0.0
+        self._loop.call_soon_threadsafe(self._open.set)
+
+    def reset(self) -> int:
+        """Abort every open connection; returns how many were aborted."""
+        fut = asyncio.run_coroutine_threadsafe(self._reset(), self._loop)
+        return fut.result(10)
+
+    async def _reset(self) -> int:
+        conns = list(self._conns)
+        for client, upstream in conns:
+            _abort(client)
+            if upstream is not None:
+                _abort(upstream)
+        self.stats.resets += len(conns)
+        return len(conns)
+
+    @property
+    def blackholed(self) -> bool:
+        return not self._open.is_set()
+
+    # -- forwarding -------------------------------------------------------------------------
+
+    async def _handle(self, c_reader: asyncio.StreamReader, c_writer: asyncio.StreamWriter) -> None:
+        self.stats.accepted += 1
+        task = asyncio.current_task()
+        if task is not None:
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+        entry: tuple[asyncio.StreamWriter, asyncio.StreamWriter | None] = (c_writer, None)
+        self._conns.add(entry)
+        self.stats.open += 1
+        client_port = c_writer.get_extra_info("peername")[1]
+        try:
+            # A black-holed network does not let the connection through either.
+            await self._open.wait()
+            try:
+                u_reader, u_writer = await asyncio.wait_for(
+                    asyncio.open_connection(*self.upstream), 10
+                )
+            except (OSError, asyncio.TimeoutError):
+                self.stats.upstream_failures += 1
+                _abort(c_writer)
+                return
+            self._conns.discard(entry)
+            entry = (c_writer, u_writer)
+            self._conns.add(entry)
+            sock = u_writer.get_extra_info("socket")
+            if sock is not None:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                self.stats.upstream_ports[client_port] = sock.getsockname()[1]
+            await asyncio.gather(
+                self._pump(c_reader, u_writer), self._pump(u_reader, c_writer),
+                return_exceptions=True,
+            )
+        except asyncio.CancelledError:
+            pass  # shutting down (a cancelled handler upsets asyncio's server callback)
+        finally:
+            self._conns.discard(entry)
+            self.stats.open -= 1
+            self.stats.upstream_ports.pop(client_port, None)
+            _abort(c_writer)
+            if entry[1] is not None:
+                _abort(entry[1])
+
+    async def _pump(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Copy one direction, keeping order, honouring delay and black-holing per chunk."""
+        queue: asyncio.Queue[tuple[float, bytes]] = asyncio.Queue()
+
+        async def read() -> None:
+            try:
+                while True:
+                    data = await reader.read(CHUNK)
+                    await queue.put((time.monotonic(), data))
+                    if not data:
+                        return
+            except (OSError, asyncio.IncompleteReadError):
+                await queue.put((time.monotonic(), b""))
+
+        task = asyncio.ensure_future(read())
+        try:
+            while True:
+                arrived, data = await queue.get()
+                await self._open.wait()
+                wait = arrived + self._delay - time.monotonic()
+                if wait > 0:
+                    await asyncio.sleep(wait)
+                    await self._open.wait()
+                if not data:
+                    with contextlib.suppress(OSError):
+                        if writer.can_write_eof():
+                            writer.write_eof()
+                    return
+                writer.write(data)
+                await writer.drain()
+        finally:
+            task.cancel()
+
+
+def _abort(writer: asyncio.StreamWriter) -> None:
+    transport = writer.transport
+    if transport is not None and not transport.is_closing():
+        transport.abort()
+    elif transport is not None:
+        with contextlib.suppress(Exception):
+            transport.abort()

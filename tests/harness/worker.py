@@ -1,0 +1,350 @@
+"""One competitor: builds a sqlflag flag and records every reading of it, until told to stop.
+
+Run by the runner as ``python -m tests.harness.worker CONFIG_JSON``. It appends to its record
+file (one ``os.write`` per line, so a SIGKILL loses nothing already written):
+
+* ``R <t_before> <t_after> <token> <k>`` for every reading that saw flag number ``k`` raised,
+  where the times are ``CLOCK_BOOTTIME`` (machine-wide) taken just before and just after
+  reading ``flag.token`` (which is the tenure's token while ``raised`` is true, else None: one
+  read gives both at once). Usually one flag; with several (``flags`` > 1) the worker holds
+  them on one engine, which exercises the scheduler's batched renewals;
+* ``E <json>`` for events: start, raised/lowered callbacks, fence rejections, clock jumps,
+  closing, and a final summary.
+
+Signals: SIGTERM closes the flag gracefully (releasing the lease) and exits 0; SIGUSR1 makes
+the wall clock jump (``time.time`` and ``time.time_ns`` get a random offset of minutes to
+hours either way; sqlflag must not care, it uses the database clock and CLOCK_BOOTTIME).
+A worker whose parent dies is killed by the kernel (PR_SET_PDEATHSIG).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import json
+import logging
+import os
+import random
+import signal
+import sys
+import threading
+import time
+from typing import Any
+
+import sqlalchemy as sa
+
+BOOT = time.CLOCK_BOOTTIME
+
+
+def now() -> float:
+    return time.clock_gettime(BOOT)
+
+
+class Recorder:
+    def __init__(self, path: str, instance: str) -> None:
+        self.fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+        self.instance = instance
+
+    def reading(self, before: float, after: float, token: int, flag: int) -> None:
+        os.write(self.fd, f"R {before:.6f} {after:.6f} {token} {flag}\n".encode())
+
+    def event(self, kind: str, **fields: Any) -> None:
+        fields.update(kind=kind, t=now(), instance=self.instance)
+        os.write(self.fd, ("E " + json.dumps(fields) + "\n").encode())
+
+
+class WallClock:
+    """A wall clock that can jump: replaces ``time.time``/``time.time_ns`` in this process."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+        self._time = time.time
+        self._time_ns = time.time_ns
+        time.time = lambda: self._time() + self.offset
+        time.time_ns = lambda: self._time_ns() + int(self.offset * 1e9)
+
+    def jump(self, rng: random.Random, back_only: bool = False) -> float:
+        sign = -1 if back_only else rng.choice([-1, 1])
+        step = sign * rng.choice([30.0, 300.0, 3600.0, 86400.0])
+        self.offset += step
+        return step
+
+
+def die_with_parent() -> None:
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except Exception:  # pragma: no cover - not Linux
+        pass
+
+
+def connect_args(url: sa.URL, seconds: float) -> dict[str, Any]:
+    """A bound on connecting, for the harness's own (fence) connections."""
+    if url.get_backend_name() == "postgresql":
+        return {"connect_timeout": max(2, round(seconds))}
+    if url.get_backend_name() in ("mysql", "mariadb"):
+        return {"connect_timeout": seconds}
+    return {}
+
+
+def sabotage(how: str) -> None:
+    """Break the library on purpose, to prove the checker notices (negative control)."""
+    import sqlflag._core
+    import sqlflag._shell
+    import sqlflag._sync
+
+    if how == "lease":
+        # Holders believe their lease lasts 3.5 times longer than the database grants it, and
+        # trust it over the database: a check that finds the lease taken does not lower.
+        core = sqlflag._core
+        core.Settings.lease = property(lambda s: 3.5 * s.interval)  # type: ignore
+        checked = core.FlagCore._checked
+
+        def trusting(self: Any, t_sent: float, t_done: float, outcome: Any) -> Any:
+            if not outcome.won and self._tenure is not None and t_done < self._deadline:
+                return core.Report([], self.settings.interval / 2)
+            return checked(self, t_sent, t_done, outcome)
+
+        core.FlagCore._checked = trusting  # type: ignore[method-assign]
+    elif how == "wallclock":
+        # Lease deadlines on the wall clock (which the clock_jump fault moves; time.time is
+        # already the jumping one here).
+        for module in (sqlflag._shell, sqlflag._sync):
+            module.monotonic = time.time  # type: ignore[attr-defined]
+    else:
+        raise ValueError(f"unknown sabotage {how!r}")
+
+
+def main(argv: list[str]) -> int:
+    cfg = json.loads(argv[0])
+    die_with_parent()
+    if os.getppid() == 1:
+        return 1
+    sys.path.insert(0, cfg["sqlflag_root"])
+    import sqlflag
+
+    rec = Recorder(cfg["record"], cfg["instance"])
+    rng = random.Random(cfg.get("seed"))
+    clock = WallClock()
+    if cfg.get("sabotage"):
+        sabotage(cfg["sabotage"])
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def on_usr1(*_: Any) -> None:
+        # Backwards is the harmful direction for a lease kept on the wall clock (the
+        # "wallclock" sabotage): the deadline moves away and renewals stop.
+        step = clock.jump(rng, back_only=cfg.get("sabotage") == "wallclock")
+        rec.event("clock_jump", step=step, offset=clock.offset)
+
+    signal.signal(signal.SIGUSR1, on_usr1)
+
+    logging.basicConfig(
+        filename=cfg["log"], level=logging.INFO,
+        format="%(asctime)s %(process)d %(threadName)s %(levelname)s %(message)s",
+    )
+    log = logging.getLogger(f"harness.{cfg['instance']}")
+    rec.event("start", pid=os.getpid(), process=cfg["process"])
+
+    names = flag_names(cfg["name"], cfg.get("flags", 1))
+
+    def builder(engine: Any, name: str) -> Any:
+        b = sqlflag.new_flag()
+        if cfg.get("listen"):
+            b = b.listen()
+        return (
+            b
+            .handle(engine)
+            .name(name)
+            .process(cfg["process"])
+            .interval(cfg["interval"])
+            .timeout(cfg["timeout"])
+            .jitter(cfg["jitter"])
+            .logger(log)
+            .on_raised(lambda flag: rec.event("raised", flag=flag.name, token=flag.token))
+            .on_lowered(lambda flag: rec.event("lowered", flag=flag.name))
+        )
+
+    if cfg.get("async"):
+        import asyncio
+
+        return asyncio.run(run_async(cfg, rec, stop, names, builder))
+    return run_sync(cfg, rec, stop, names, builder)
+
+
+def run_sync(
+    cfg: dict[str, Any], rec: Recorder, stop: threading.Event, names: list[str], builder: Any
+) -> int:
+    url = sa.make_url(cfg["url"])
+    # No connect arguments: sqlflag bounds connecting on its own connections by itself.
+    engine = sa.create_engine(url)
+    flags: list[Any] = []
+    while len(flags) < len(names) and not stop.is_set():
+        try:
+            flags.append(builder(engine, names[len(flags)]).build())
+        except Exception as exc:  # the database may be down or unreachable: try again
+            rec.event("build_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+            stop.wait(0.2)
+    if len(flags) < len(names):
+        for flag in flags:
+            flag.close()
+        return 0
+    rec.event("built")
+
+    fence = Fence(cfg, rec, flags, stop)
+    fence.thread.start()
+    poll = cfg["poll"]
+    readings = 0
+    while not stop.is_set():
+        for k, flag in enumerate(flags):
+            before = now()
+            token = flag.token
+            after = now()
+            if token is not None:
+                rec.reading(before, after, token, k)
+                readings += 1
+        time.sleep(poll)
+
+    started = now()
+    for flag in flags:
+        flag.close()
+    rec.event("closed", took=now() - started)
+    fence.thread.join(5)
+    rec.event("summary", readings=readings, accepted=fence.accepted, rejected=fence.rejected,
+              fence_errors=fence.errors)
+    engine.dispose()
+    return 0
+
+
+ASYNC_DRIVERS = {"postgresql": "postgresql+asyncpg", "mysql": "mysql+aiomysql",
+                 "mariadb": "mariadb+aiomysql", "sqlite": "sqlite+aiosqlite"}
+
+
+async def run_async(
+    cfg: dict[str, Any], rec: Recorder, stop: threading.Event, names: list[str], builder: Any
+) -> int:
+    """The same on an AsyncEngine: the flags' task and this reading loop share one loop."""
+    import asyncio
+
+    from sqlalchemy.ext.asyncio import create_async_engine
+
+    url = sa.make_url(cfg["url"])
+    url = url.set(drivername=ASYNC_DRIVERS[url.get_backend_name()])
+    engine = create_async_engine(url)  # the async shell bounds its connecting itself
+    flags: list[Any] = []
+    while len(flags) < len(names) and not stop.is_set():
+        try:
+            flags.append(
+                await asyncio.wait_for(builder(engine, names[len(flags)]).build_async(), 10)
+            )
+        except Exception as exc:  # the database may be down or unreachable: try again
+            rec.event("build_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+            await asyncio.sleep(0.2)
+    if len(flags) < len(names):
+        for flag in flags:
+            await flag.close()
+        return 0
+    rec.event("built")
+
+    fence = Fence(cfg, rec, flags, stop)
+    fence.thread.start()
+    poll = cfg["poll"]
+    readings = 0
+    while not stop.is_set():
+        for k, flag in enumerate(flags):
+            before = now()
+            token = flag.token
+            after = now()
+            if token is not None:
+                rec.reading(before, after, token, k)
+                readings += 1
+        await asyncio.sleep(poll)
+
+    started = now()
+    for flag in flags:
+        await flag.close()
+    rec.event("closed", took=now() - started)
+    fence.thread.join(5)
+    rec.event("summary", readings=readings, accepted=fence.accepted, rejected=fence.rejected,
+              fence_errors=fence.errors)
+    await engine.dispose()
+    return 0
+
+
+def flag_names(base: str, count: int) -> list[str]:
+    """The flag names the workers compete for: ``base`` alone, or ``base.0`` … ``base.N-1``."""
+    return [base] if count == 1 else [f"{base}.{k}" for k in range(count)]
+
+
+class Fence:
+    """Writes each accepted action to a fenced table: ``UPDATE … WHERE token <= :t``.
+
+    A downstream system guarded like this rejects a stale leader's late write (rowcount 0).
+    It uses its own connection straight to the database (not through the proxy): it plays
+    the downstream system, whose network is not the one failing.
+    """
+
+    def __init__(
+        self, cfg: dict[str, Any], rec: Recorder, flags: list[Any], stop: threading.Event
+    ) -> None:
+        self.cfg = cfg
+        self.rec = rec
+        self.flags = flags
+        self.stop = stop
+        self.accepted = 0
+        self.rejected = 0
+        self.errors = 0
+        self.thread = threading.Thread(target=self.run, name="fence", daemon=True)
+
+    def run(self) -> None:
+        url = sa.make_url(self.cfg["fence_url"])
+        engine = sa.create_engine(url, connect_args=connect_args(url, 2), poolclass=sa.NullPool)
+        stmt = sa.text(
+            "UPDATE harness_fence SET token = :t, writer = :w, writes = writes + 1 "
+            "WHERE name = :n AND token <= :t"
+        )
+        conn: sa.Connection | None = None
+        every = self.cfg["fence_every"]
+        rng = random.Random()
+        while not self.stop.wait(every):
+            flag = rng.choice(self.flags)
+            token = flag.token
+            if token is None:
+                continue
+            # A real leader does some work between deciding and writing: that gap is where
+            # a pause makes it stale, and the fence is what catches it.
+            time.sleep(rng.uniform(0, self.cfg["fence_work"]))
+            try:
+                if conn is None:
+                    conn = engine.connect()
+                    if url.get_backend_name() == "postgresql":
+                        conn.exec_driver_sql("SET statement_timeout = 2000")
+                    elif url.get_backend_name() == "sqlite":
+                        conn.exec_driver_sql("PRAGMA busy_timeout = 2000")
+                rows = conn.execute(
+                    stmt, {"t": token, "w": self.cfg["instance"], "n": flag.name}
+                ).rowcount
+                conn.commit()
+            except Exception as exc:
+                self.errors += 1
+                if conn is not None:
+                    try:
+                        conn.invalidate()
+                        conn.close()
+                    except Exception:
+                        pass
+                conn = None
+                if self.errors <= 20 or self.errors % 100 == 0:
+                    self.rec.event("fence_error", error=f"{type(exc).__name__}: {exc}"[:200])
+                continue
+            if rows == 1:
+                self.accepted += 1
+            else:
+                self.rejected += 1
+                self.rec.event("fence_rejected", flag=flag.name, token=token)
+        if conn is not None:
+            conn.close()
+        engine.dispose()
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,193 @@
+"""The statement timeout is real: a statement stuck on a row lock or on a silent network gives
+up after about ``timeout``, the flag lowers by its deadline, and the loop keeps retrying
+(it does not hang) until the database answers again.
+
+Observed through the flag's own metrics: the latency histogram (every statement's duration,
+including getting a connection) and the errors counter (one per failed attempt).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+from collections.abc import Iterator
+
+import pytest
+import sqlalchemy as sa
+from harness.proxy import Proxy
+from prometheus_client import CollectorRegistry
+
+TIMEOUT = 0.3  # the make_flag default (interval 1 s)
+HOLD = 4.0  # how long the database stays stuck
+#: "about timeout": the bound every statement must meet, with generous slack for a busy
+#: machine (a histogram bucket edge)
+BOUND = 1.0
+#: getting a new connection while the network is silent is bounded too: by a driver connect
+#: timeout on sqlflag's own connections (libpq counts whole seconds, at least 2)
+CONNECT_BOUND = 2.5
+
+
+class Metrics:
+    """The flag's latency histogram and error counter, found by type (not by name)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+
+    def _families(self, kind: str) -> list:
+        return [m for m in self.registry.collect() if m.type == kind]
+
+    def latencies(self) -> dict[float, float]:
+        """Cumulative bucket counts: upper bound -> observations at or below it."""
+        [hist] = self._families("histogram")
+        return {
+            float(s.labels["le"]): s.value for s in hist.samples if s.name.endswith("_bucket")
+        }
+
+    def count(self) -> float:
+        return self.latencies()[float("inf")]
+
+    def over(self, bound: float) -> float:
+        b = self.latencies()
+        return b[float("inf")] - b[bound]
+
+    def errors(self) -> dict[str, float]:
+        out: dict[str, float] = {}
+        for fam in self._families("counter"):
+            for s in fam.samples:
+                if "kind" in s.labels and s.name.endswith("_total"):
+                    out[s.labels["kind"]] = out.get(s.labels["kind"], 0) + s.value
+        return out
+
+
+@contextlib.contextmanager
+def row_locked(dialect: str, engine: sa.Engine, name: str) -> Iterator[None]:
+    """Another transaction holds the flag's row lock (the whole database on SQLite)."""
+    if dialect == "sqlite":
+        conn = sqlite3.connect(engine.url.database, timeout=10, isolation_level=None)
+        try:
+            conn.execute("BEGIN EXCLUSIVE")
+            yield
+            conn.execute("ROLLBACK")
+        finally:
+            conn.close()
+        return
+    with engine.connect() as conn:
+        row = conn.execute(
+            sa.text("SELECT token FROM leadership_flags WHERE name = :n FOR UPDATE"), {"n": name}
+        ).first()
+        assert row is not None
+        yield
+        conn.rollback()
+
+
+def _retrying(metrics: Metrics, seconds: float) -> tuple[float, float]:
+    """Watch for ``seconds``: (failed attempts, statements) counted meanwhile."""
+    errors0, count0 = sum(metrics.errors().values()), metrics.count()
+    time.sleep(seconds)
+    return sum(metrics.errors().values()) - errors0, metrics.count() - count0
+
+
+def test_statement_stuck_on_a_row_lock_gives_up_after_timeout(dialect, engine, make_flag,
+                                                            flag_name):
+    metrics = Metrics()
+    flag = make_flag("a", metrics_registerer=metrics.registry, metrics_subsystem="t")
+    assert flag.wait_raised(5)
+    with row_locked(dialect, engine, flag_name):
+        started = time.monotonic()
+        assert flag.wait_lowered(1.5), "still raised a lease after the database got stuck"
+        lowered_after = time.monotonic() - started
+        failed, sent = _retrying(metrics, HOLD - lowered_after)
+    print(f"\n[{dialect}] lowered {lowered_after:.3f} s after the lock; {failed:.0f} attempts "
+          f"failed in {HOLD - lowered_after:.1f} s; latency buckets {metrics.latencies()}; "
+          f"errors {metrics.errors()}")
+    # Each attempt waits about timeout, then the loop retries every interval/10: several per
+    # second, never one long wait.
+    assert failed >= 3, (failed, sent)
+    assert metrics.over(BOUND) == 0, metrics.latencies()
+    assert metrics.errors().get("timeout", 0) >= 3, metrics.errors()
+    assert flag.wait_raised(3), "did not recover once the lock was released"
+
+
+@pytest.fixture
+def proxied(db_url: str) -> Iterator[tuple[Proxy, sa.Engine]]:
+    """An engine reaching the database through a proxy the test can silence."""
+    url = sa.make_url(db_url)
+    proxy = Proxy(url.host or "127.0.0.1", url.port or 0)
+    proxy.start()
+    engine = sa.create_engine(url.set(host="127.0.0.1", port=proxy.port))
+    try:
+        yield proxy, engine
+    finally:
+        proxy.heal()
+        engine.dispose()
+        proxy.stop()
+
+
+@pytest.mark.dialects("postgresql", "mariadb")
+def test_statement_on_a_silent_network_gives_up_after_timeout(dialect, proxied, make_flag):
+    proxy, engine = proxied
+    metrics = Metrics()
+    flag = make_flag(
+        "a", handle=engine, metrics_registerer=metrics.registry, metrics_subsystem="t"
+    )
+    assert flag.wait_raised(5)
+    errors0 = sum(metrics.errors().values())
+    proxy.blackhole()
+    try:
+        started = time.monotonic()
+        assert flag.wait_lowered(1.5), "still raised a lease after the network went silent"
+        lowered_after = time.monotonic() - started
+        time.sleep(HOLD + 1 - lowered_after)
+        failed = sum(metrics.errors().values()) - errors0
+    finally:
+        proxy.heal()
+    print(f"\n[{dialect}] lowered {lowered_after:.3f} s after the network went silent; "
+          f"{failed:.0f} attempts failed in {HOLD + 1:.1f} s of silence; latency buckets "
+          f"{metrics.latencies()}; errors {metrics.errors()}; proxy {proxy.stats}")
+    # No statement (nor connection attempt) waited on the silence for longer than a bound...
+    assert metrics.over(CONNECT_BOUND) == 0, metrics.latencies()
+    # ...and the loop kept trying instead of hanging on one of them: the renewal caught by the
+    # silence, then reconnection attempts (each bounded by CONNECT_BOUND).
+    assert failed >= 2, (failed, metrics.latencies())
+    assert metrics.errors().get("timeout", 0) >= 2, metrics.errors()
+    assert flag.wait_raised(5), "did not recover once the network answered again"
+
+
+@pytest.mark.dialects("postgresql", "mariadb")
+def test_statement_in_flight_when_the_network_goes_silent(dialect, proxied, make_flag):
+    """The first statement caught by the silence fails within about timeout."""
+    proxy, engine = proxied
+    metrics = Metrics()
+    flag = make_flag(
+        "a", handle=engine, metrics_registerer=metrics.registry, metrics_subsystem="t"
+    )
+    assert flag.wait_raised(5)
+    before = metrics.count()
+    proxy.blackhole()
+    try:
+        deadline = time.monotonic() + 1 + BOUND
+        while metrics.count() == before and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert metrics.count() > before, "the renewal caught by the silence never returned"
+    finally:
+        proxy.heal()
+    assert metrics.over(BOUND) == 0, metrics.latencies()
+    assert metrics.errors().get("timeout", 0) >= 1, metrics.errors()
+
+
+@pytest.mark.dialects("postgresql", "mariadb")
+def test_close_on_a_silent_network_returns(dialect, proxied, make_flag):
+    proxy, engine = proxied
+    flag = make_flag("a", handle=engine)
+    assert flag.wait_raised(5)
+    proxy.blackhole()
+    try:
+        started = time.monotonic()
+        flag.close()
+        took = time.monotonic() - started
+    finally:
+        proxy.heal()
+    assert not flag.raised
+    # close() waits at most about twice the timeout for the database, plus a second.
+    assert took < 2 * TIMEOUT + 1 + 1, took
