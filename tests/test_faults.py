@@ -95,13 +95,15 @@ def test_checker_does_not_assume_raised_between_different_tokens(tmp_path):
 
 
 @pytest.mark.parametrize(
-    ("sabotage", "faults"), [("lease", ("pause",)), ("wallclock", ("clock_jump",))]
+    # The wall-clock case needs pauses too: a holder whose clock jumped back only shows its
+    # broken deadline once it stops renewing (clock jumps alone rarely cost it the lease).
+    ("sabotage", "faults"), [("lease", ("pause",)), ("wallclock", ("clock_jump", "pause"))]
 )
 def test_harness_catches_a_broken_flag(sabotage, faults, tmp_path):
     """Negative control on SQLite: workers that trust a lease outliving the database's
     (``lease``), or whose deadlines follow a jumping wall clock (``wallclock``), are caught."""
     result = run(Config(
-        dialect="sqlite", duration=20, faults=faults, sabotage=sabotage, gap=(0.3, 1.0),
+        dialect="sqlite", duration=30, faults=faults, sabotage=sabotage, gap=(0.3, 1.0),
         seed=7, out_dir=str(tmp_path),
     ))
     _show(f"sabotage={sabotage}", result)
@@ -126,10 +128,14 @@ def _assert_clean(result, expected_kinds: set[str]) -> None:
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_short_fault_run(dialect, mode, tmp_path):
+    """Sync workers hold two flags each on one engine (so renewals also go out batched) and,
+    on PostgreSQL, LISTEN for releases; async workers hold one flag."""
     faults = DEFAULT_FAULTS
+    sync = mode == "sync"
     result = run(Config(
-        dialect=dialect, duration=SHORT if mode == "sync" else SHORT * 0.75, faults=faults,
-        gap=GAP, use_async=mode == "async", out_dir=str(tmp_path),
+        dialect=dialect, duration=SHORT if sync else SHORT * 0.75, faults=faults, gap=GAP,
+        use_async=not sync, flags=2 if sync else 1, listen=sync and dialect == "postgresql",
+        out_dir=str(tmp_path),
     ))
     _show(f"{dialect} {mode}", result)
     expected = set(faults) if dialect != "sqlite" else set(faults) - set(NETWORK_FAULTS)

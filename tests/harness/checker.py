@@ -228,7 +228,10 @@ def check(
 
     # stale_after_pause: a worker frozen longer than its lease must wake up lowered
     for f in faults:
-        if f.get("kind") != "pause" or f.get("seconds", 0) < interval or f.get("interrupted"):
+        if f.get("kind") != "pause" or f.get("interrupted"):
+            continue
+        frozen = f["t_cont"] - f["t_stop"]  # measured: certainly stopped all along
+        if frozen < interval:
             continue
         readings = rec.by_instance.get(f["instance"], [])
         held = {tok for a, tok in readings if a < f["t_stop"]}
@@ -237,7 +240,7 @@ def check(
             if tok in held:
                 violations.append(Violation(
                     "stale_after_pause",
-                    f"{f['instance']} frozen {f['seconds']:.2f} s until {f['t_cont']:.6f} "
+                    f"{f['instance']} frozen {frozen:.3f} s until {f['t_cont']:.6f} "
                     f"read its old token {tok} raised at {a:.6f}",
                 ))
                 break

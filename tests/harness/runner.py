@@ -104,6 +104,7 @@ class Result:
     db_tokens: int
     fence_writes: int
     elapsed: float
+    batched: int = 0
 
     def figures(self) -> dict[str, Any]:
         figs = self.report.figures()
@@ -111,6 +112,7 @@ class Result:
         figs["tokens_granted_by_db"] = self.db_tokens
         figs["fence_accepted_writes"] = self.fence_writes
         figs["anomalies"] = len(self.anomalies)
+        figs["batched_renewals"] = self.batched
         figs["elapsed_s"] = round(self.elapsed, 1)
         return figs
 
@@ -366,8 +368,14 @@ class Harness:
             entry.update(instance=slot.instance, factor=factor, seconds=seconds)
             self.counts[f"pause_{factor}x"] += 1
             slot.stopped = True
-            entry["t_stop"] = now()
+            assert slot.popen is not None
             self.signal(slot, signal.SIGSTOP)
+            # Stamp the pause only once every thread has really stopped (a loaded machine can
+            # deliver the signal late): the checker judges the measured, certain freeze.
+            settle = time.monotonic() + 2
+            while _all_stopped(slot.popen.pid) is False and time.monotonic() < settle:
+                time.sleep(0.001)
+            entry["t_stop"] = now()
             time.sleep(seconds)
             # Still stopped? Someone else's SIGCONT would make the pause shorter than
             # recorded; the checker must not judge such a pause by its nominal length.
@@ -375,8 +383,8 @@ class Harness:
             if _state(slot.popen.pid) not in ("T", None):
                 entry["interrupted"] = True
                 self.counts["pause_interrupted"] += 1
+            entry["t_cont"] = now()  # still certainly stopped up to here
             self.signal(slot, signal.SIGCONT)
-            entry["t_cont"] = now()
             slot.stopped = False
         elif kind in ("kill", "term"):
             slot = self.target()
@@ -620,6 +628,10 @@ class Harness:
             db_tokens=tokens_after - tokens_before,
             fence_writes=fence_writes,
             elapsed=time.monotonic() - t_begin,
+            batched=sum(
+                e.get("renewals", 0) for e in checker.load(self.files).events
+                if e.get("kind") == "batched"
+            ),
         )
         (self.out / "report.json").write_text(json.dumps({
             "config": {k: v for k, v in asdict(cfg).items() if k != "log"},
@@ -684,6 +696,24 @@ class Harness:
             return -1
         finally:
             engine.dispose()
+
+
+def _all_stopped(pid: int) -> bool | None:
+    """True once every thread of ``pid`` is stopped (T/t) or inside a system call it cannot
+    leave while the process is stopped (D); None if the process is gone."""
+    try:
+        tids = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return None
+    for tid in tids:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat") as fh:
+                state = fh.read().rsplit(")", 1)[1].split()[0]
+        except (OSError, IndexError):
+            continue
+        if state not in ("T", "t", "D"):
+            return False
+    return True
 
 
 def _state(pid: int) -> str | None:

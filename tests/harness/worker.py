@@ -164,11 +164,31 @@ def main(argv: list[str]) -> int:
             .on_lowered(lambda flag: rec.event("lowered", flag=flag.name))
         )
 
+    batched = count_batches(sqlflag)
     if cfg.get("async"):
         import asyncio
 
-        return asyncio.run(run_async(cfg, rec, stop, names, builder))
-    return run_sync(cfg, rec, stop, names, builder)
+        code = asyncio.run(run_async(cfg, rec, stop, names, builder))
+    else:
+        code = run_sync(cfg, rec, stop, names, builder)
+    rec.event("batched", renewals=batched[0])
+    return code
+
+
+def count_batches(sqlflag: Any) -> list[int]:
+    """Count renewals sent as one statement for several flags (the batched path), to show in
+    the summary that runs with ``flags`` > 1 exercise it. Observes only."""
+    counter = [0]
+    batch = sqlflag._batch
+    original = batch.batches
+
+    def batches(dialect: Any, members: list[Any]) -> Any:
+        out = original(dialect, members)
+        counter[0] += sum(1 for b in out if len(b.flags) > 1)
+        return out
+
+    batch.batches = batches
+    return counter
 
 
 def run_sync(
