@@ -135,7 +135,9 @@ def test_holder_loses_its_database_then_another_raises_and_it_recovers(pool, fla
         # The second one takes over once the lease ran out by the database clock.
         assert second.wait_raised(INTERVAL + INTERVAL / 2 + SLACK)
         second_token = second.token
-        assert second_token == first_token + 1
+        # Strictly larger (a late statement of the cut-off holder may have been granted a
+        # tenure it then gave back unraised, which uses a token too).
+        assert second_token > first_token
         if outage.local:
             assert not first.raised
             outage.end()
@@ -146,7 +148,7 @@ def test_holder_loses_its_database_then_another_raises_and_it_recovers(pool, fla
         # ...and takes over again when it lets go.
         second.close()
         assert first.wait_raised(INTERVAL / 2 + SLACK)
-        assert first.token == second_token + 1
+        assert first.token > second_token
     assert not sampler.overlaps()
 
 
