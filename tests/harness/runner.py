@@ -586,6 +586,11 @@ class Harness:
                         ):
                             try:
                                 self.fault(kind, factor)
+                            except sa.exc.DBAPIError as exc:
+                                # The harness's own statement failed: the server is away
+                                # (someone else restarted it?). Not sqlflag's doing.
+                                self.counts["skipped"] += 1
+                                cfg.log(f"[{cfg.dialect}] fault {kind} skipped: {exc!r}"[:300])
                             except Exception as exc:  # the harness's own trouble: report it
                                 self.anomalies.append(f"fault {kind} failed: {exc!r}"[:500])
                     if time.monotonic() >= next_report:
