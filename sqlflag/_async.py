@@ -239,8 +239,13 @@ class AsyncScheduler:
             conn = await self.engine.connect()
             try:
                 conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
-                raw = await conn.get_raw_connection()
-                self.dialect.configure_dbapi(raw.dbapi_connection, self.timeout)
+                # Inside run_sync, an adapter method that awaits the driver (aiosqlite's
+                # create_function) can run; the hook itself stays synchronous.
+                await conn.run_sync(
+                    lambda sync: self.dialect.configure_dbapi(
+                        sync.connection.dbapi_connection, self.timeout
+                    )
+                )
                 dialect = conn.dialect
                 info = str(getattr(dialect, "server_version_info", "")) + (
                     " mariadb" if getattr(dialect, "is_mariadb", False) else ""

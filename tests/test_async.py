@@ -196,6 +196,23 @@ def test_raised_quickly_second_follows_and_takes_over_on_close(
     run(main)
 
 
+def test_async_follower_wakes_just_after_the_lease_it_saw_ends(db_url, engine, flag_name):
+    """As the sync flag: the follower sleeps until the lease it saw ends (interval/2 = 3 s)."""
+    before = now()
+    set_row(engine, flag_name, "your-process", 7, 1.2)
+    after = now()
+
+    async def main() -> None:
+        async with APool(db_url) as ap:
+            flag = await ap.flag(ap.engine(), flag_name, "a", interval=6.0, timeout=0.5)
+            assert not await flag.wait_raised(0.8), "raised while the other lease was valid"
+            assert await flag.wait_raised(after + 1.2 + SLACK - now()), "did not wake at lease end"
+            assert now() >= before + 1.2 - 0.02
+            assert flag.token == 8
+
+    run(main)
+
+
 def test_token_constant_while_renewed_and_increasing_across_tenures(db_url, flag_name):
     async def main() -> None:
         async with APool(db_url) as ap:

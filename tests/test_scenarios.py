@@ -61,6 +61,20 @@ def test_not_raised_while_another_holder_is_valid_then_raised_when_it_expires(po
     assert flag.token == 124
 
 
+def test_follower_wakes_just_after_the_lease_it_saw_ends(pool, flag_name):
+    """A follower's check tells it when the current lease ends (by the database clock); it
+    wakes then, not at its next regular check (interval/2 = 3 s here)."""
+    engine = pool.engine()
+    before = now()
+    set_row(engine, flag_name, "your-process", 7, 1.2)
+    after = now()
+    flag = pool.flag(engine, flag_name, "a", interval=6.0, timeout=0.5)
+    assert not flag.wait_raised(0.8), "raised while the other lease was valid"
+    assert flag.wait_raised(after + 1.2 + SLACK - now()), "did not wake when the lease ended"
+    assert now() >= before + 1.2 - 0.02
+    assert flag.token == 8
+
+
 def test_raised_at_once_when_the_other_holder_already_expired(pool, flag_name):
     engine = pool.engine()
     set_row(engine, flag_name, "your-process", 123, -1.0)

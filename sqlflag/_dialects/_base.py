@@ -202,7 +202,8 @@ class Dialect(abc.ABC):
         (``sa.Connection.connection.dbapi_connection``). Server-side timeouts end a statement
         stuck on a lock, but not one whose network or server stopped answering; after this
         hook such a statement fails within :func:`client_bound` ``(timeout)`` seconds.
-        Default: nothing (drivers without sockets, or with their own bound).
+        It also installs what the check itself needs on the connection (SQLite's report
+        function). Default: nothing (drivers without sockets, or with their own bound).
         """
         return
 

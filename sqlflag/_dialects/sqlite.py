@@ -1,4 +1,10 @@
-"""SQLite: an upsert with RETURNING creates the row and swaps in one statement."""
+"""SQLite: an upsert with RETURNING creates the row and swaps in one statement.
+
+A lost check returns no row, so the ``DO UPDATE … WHERE`` clause first calls
+``sqlflag_lease_left(seconds)``, a function sqlflag registers on its own connections: it
+notes how long the current lease still runs, and a follower wakes just after it ends. The
+function runs inside the statement, in-process; nothing else is sent.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +15,16 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.sqlite import insert
 from sqlalchemy.engine import CursorResult
 
-from ._base import Dialect, Outcome, as_token, t
+from ._base import Dialect, Outcome, as_seconds, as_token, t
+
+#: Lease left as last reported by ``sqlflag_lease_left`` on a connection, keyed by the id of
+#: the DB-API connection sqlflag configured; read (and removed) by the check's parser.
+_reported: dict[int, Any] = {}
+REPORT_FUNCTION = "sqlflag_lease_left"
+
+
+def _connection_key(result: CursorResult[Any]) -> int:
+    return id(result.context.root_connection.connection.dbapi_connection)
 
 #: SQLite's clock as text that sorts like time; ``'now'`` is fixed for one statement. SQLite
 #: stops at milliseconds; ``'000'`` pads them to SQLAlchemy's own format (microseconds), so
@@ -46,15 +61,29 @@ class SQLite(Dialect):
             renewed_at=self.now(),
             expires_at=self.later(),
         )
+        # SQLite evaluates AND left to right: the report runs on every conflicting row.
+        report = getattr(sa.func, REPORT_FUNCTION)(self.seconds_left(t.c.expires_at))
         return stmt.on_conflict_do_update(
-            index_elements=["name"], set_=dict(self.take_values()), where=self.may_take()
+            index_elements=["name"], set_=dict(self.take_values()), where=report & self.may_take()
         ).returning(t.c.token)
 
     def parse_check(self, result: CursorResult[Any]) -> Outcome:
+        left = _reported.pop(_connection_key(result), None)
         row = result.first()
         if row is None:
-            return Outcome(won=False)
+            return Outcome(won=False, lease_left=as_seconds(left))
         return Outcome(won=True, token=as_token(row[0]))
+
+    def configure_dbapi(self, dbapi_connection: Any, timeout: float) -> None:
+        key = id(dbapi_connection)
+
+        def lease_left(seconds: Any) -> int:
+            _reported[key] = seconds
+            return 1
+
+        # pysqlite's connection, or SQLAlchemy's aiosqlite adapter (which forwards the call
+        # to aiosqlite's thread; the shell calls this inside ``run_sync``).
+        dbapi_connection.create_function(REPORT_FUNCTION, 1, lease_left)
 
     def build_ensure_row(self) -> sa.Executable:
         stmt = insert(t).values(self.ensure_values())
