@@ -157,6 +157,7 @@ class FlagCore:
         self._failures = 0
         self._precheck_ok = True
         self._need_row = False
+        self._check_alone = False  # a batch did not confirm our renewal: next, a check of our own
         self._warned_duplicate: int | None = None
         self.closed = False
         metrics.bind(self)
@@ -218,6 +219,7 @@ class FlagCore:
             and now < self._deadline
             and not self.closed
             and not self._need_row
+            and not self._check_alone
             and self._to_release is None
             and self._precheck_ok
         )
@@ -231,11 +233,12 @@ class FlagCore:
         self, t_sent: float, t_done: float, token: int, renewed: bool, error: BaseException | None
     ) -> Report:
         """Account for a batched renewal of ``token``; one not renewed gets its own check at
-        once, which finds out why."""
+        once (never another batch), which finds out why."""
         if error is not None:
             return self._failed(t_done, error)
         if renewed:
             return self._checked(t_sent, t_done, Outcome(won=True, token=token))
+        self._check_alone = True
         return Report([], 0.0)
 
     def plan_release(self) -> Step | None:
@@ -287,6 +290,7 @@ class FlagCore:
     def _checked(self, t_sent: float, t_done: float, outcome: Outcome) -> Report:
         s = self.settings
         self._recovered()
+        self._check_alone = False
         transitions: list[Transition] = []
         if outcome.won:
             token = outcome.token
