@@ -53,12 +53,12 @@ class Settings:
 DEFAULT = Settings(
     interval=1.0, protocol_settle=3.0, protocol_window=5.0,
     kill_trials=10, close_trials=8, stop_trials=2,
-    scale_flags=1000, scale_interval=6.0, scale_settle=3.0, scale_window=6.0, parallel=3,
+    scale_flags=1000, scale_interval=6.0, scale_settle=7.0, scale_window=6.0, parallel=3,
 )
 QUICK = Settings(
     interval=1.0, protocol_settle=3.0, protocol_window=2.0,
     kill_trials=3, close_trials=3, stop_trials=1,
-    scale_flags=200, scale_interval=4.0, scale_settle=1.0, scale_window=2.0, parallel=6,
+    scale_flags=200, scale_interval=4.0, scale_settle=4.5, scale_window=2.0, parallel=6,
 )
 
 
@@ -545,7 +545,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     p.add_argument("--scale-flags", type=int, help="flags held by one process (default 1000)")
     p.add_argument("--scale-interval", type=float, help="their interval (default 6 s)")
     p.add_argument("--scale-window", type=float, help="seconds measured (default 6)")
-    p.add_argument("--scale-settle", type=float, help="seconds waited before (default 3)")
+    p.add_argument(
+        "--scale-settle", type=float,
+        help="seconds waited before (default 7: past the first interval, steady state)",
+    )
     p.add_argument("--parallel", type=int, help="timing chains run at once (default 3)")
     p.add_argument("--postgresql-url", default=SERVER_URLS["postgresql"])
     p.add_argument("--mariadb-url", default=SERVER_URLS["mariadb"])

@@ -4,9 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import heapq
 import inspect
-import itertools
 import math
 import weakref
 from collections import deque
@@ -21,10 +19,10 @@ from ._clock import monotonic
 from ._core import FlagCore, Report, Step, Transition
 from ._dialects import Dialect
 from ._listen import AsyncListener
+from ._queue import Deadlines, DueQueue
 from ._shell import FlagBase
 
 AsyncCallback = Callable[["AsyncFlag"], Any]
-_seq = itertools.count()
 
 
 class AsyncScheduler:
@@ -51,7 +49,8 @@ class AsyncScheduler:
         self.dialect = dialect
         self.timeout = timeout
         self._key = key
-        self._heap: list[tuple[float, int, AsyncFlag]] = []
+        self._queue: DueQueue[AsyncFlag] = DueQueue()
+        self._deadlines: Deadlines[AsyncFlag] = Deadlines()
         self._jobs: deque[Callable[[], Awaitable[None]]] = deque()
         self._wake = asyncio.Event()
         self._flags: weakref.WeakSet[AsyncFlag] = weakref.WeakSet()
@@ -84,9 +83,19 @@ class AsyncScheduler:
         self._push(flag, monotonic())
 
     def _push(self, flag: AsyncFlag, when: float) -> None:
-        flag._due = (when, next(_seq))
-        heapq.heappush(self._heap, (*flag._due, flag))
+        self._queue.push(flag, when)
         self._wake.set()
+
+    def watch(self, flag: AsyncFlag, when: float) -> None:
+        """Check ``flag`` at its deadline ``when``; one timer per distinct deadline."""
+        if self._deadlines.add(when, flag):
+            self._loop.call_later(max(0.0, when - monotonic()), self._expire, when)
+
+    def _expire(self, when: float) -> None:
+        for flag in self._deadlines.take(when):
+            deadline = flag._check_deadline()
+            if deadline is not None:
+                self.watch(flag, deadline)
 
     def submit(self, callback: Callable[[], Awaitable[None]]) -> None:
         self._callbacks.put_nowait(callback)
@@ -149,19 +158,16 @@ class AsyncScheduler:
                 if self._stopping:
                     return
                 now = monotonic()
-                if self._heap and self._heap[0][0] <= now:
-                    due, seq, flag = heapq.heappop(self._heap)
-                    if flag._due == (due, seq):
-                        group = _batch.companions(flag, self._flags, now)
-                        for member in group:
-                            member._due = None
-                        if len(group) == 1:
-                            await self._step(flag)
-                        else:
-                            await self._renew(group)
+                group = self._queue.pop_group(now)
+                if len(group) == 1:
+                    await self._step(group[0])
+                    continue
+                if group:
+                    await self._renew(group)
                     continue
                 self._wake.clear()
-                wait = self._heap[0][0] - now if self._heap else None
+                when = self._queue.next_time()
+                wait = None if when is None else when - now
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), wait)
         finally:
@@ -192,14 +198,17 @@ class AsyncScheduler:
                 error = exc
                 await self._drop_connection()
             t_done = monotonic()
+            reports = []
             for flag, token in zip(batch.flags, batch.tokens, strict=True):
                 core = flag._core
                 core.metrics.observe_latency(t_done - t_sent)
                 renewed = core.settings.name in names
-                report = core.finish_renewal(t_sent, t_done, token, renewed, error)
-                flag._announce(report.transitions)
-                if not core.closed:
-                    self._push(flag, monotonic() + report.delay)
+                reports.append(core.finish_renewal(t_sent, t_done, token, renewed, error))
+                flag._announce(reports[-1].transitions)
+            now = monotonic()
+            for flag, delay in zip(batch.flags, _batch.aligned(reports), strict=True):
+                if not flag._core.closed:
+                    self._push(flag, now + delay)
 
     async def _step(self, flag: AsyncFlag, ok: bool | None = None) -> None:
         if ok is None:
@@ -296,7 +305,7 @@ class AsyncFlag(FlagBase):
         self._closing = False
         self._precheck_error: str | None = None
         self._changed = asyncio.Event()
-        self._timer: asyncio.TimerHandle | None = None
+        self._timer_armed = False
 
     async def wait_raised(self, timeout: float | None = None) -> bool:
         """Wait until raised (True) or until ``timeout`` seconds pass (False)."""
@@ -333,8 +342,6 @@ class AsyncFlag(FlagBase):
 
         await sched.run_job(release, wait=2 * sched.timeout + 1)
         self._core.metrics.close()
-        if self._timer is not None:
-            self._timer.cancel()
         if sched.release_user():
             await sched.stopped(2 * sched.timeout + 1)
 
@@ -374,20 +381,18 @@ class AsyncFlag(FlagBase):
         for tr in transitions:
             for cb in self._on_raised if tr.raised else self._on_lowered:
                 self._scheduler.submit(lambda cb=cb: self._call(cb))  # type: ignore[misc]
-        if any(tr.raised for tr in transitions) and self._timer is None:
-            self._arm(self._core.deadline)
+        if any(tr.raised for tr in transitions) and not self._timer_armed:
+            self._timer_armed = True
+            self._scheduler.watch(self, self._core.deadline)
 
-    def _arm(self, deadline: float) -> None:
-        loop = asyncio.get_running_loop()
-        self._timer = loop.call_later(max(0.0, deadline - monotonic()), self._check_deadline)
-
-    def _check_deadline(self) -> None:
-        self._timer = None
+    def _check_deadline(self) -> float | None:
+        """At the deadline last seen: lower if it passed; else the deadline to check next."""
         transitions = self._core.expire(monotonic())
+        self._timer_armed = self._core.deadline > -math.inf
         if transitions:
             self._announce(transitions)
-        elif self._core.deadline > -math.inf:
-            self._arm(self._core.deadline)
+            return None
+        return self._core.deadline if self._timer_armed else None
 
     async def _call(self, callback: AsyncCallback) -> None:
         try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import math
+import weakref
 from collections.abc import Callable
 from datetime import timedelta
 from typing import TYPE_CHECKING, Any
@@ -278,8 +279,30 @@ class FlagBuilder:
         return flag
 
 
+#: Engines whose table build() has found complete: later builds skip the inspection (two
+#: catalog queries), which made building thousands of flags slow.
+_schema_ok: weakref.WeakSet[sa.Engine] = weakref.WeakSet()
+
+
 def prepare(conn: sa.Connection, ops: Dialect, name: str, create: bool) -> None:
     """Check (or create) the table and make sure the flag's row exists. Commits."""
+    engine = conn.engine
+    if engine not in _schema_ok:
+        check_schema(conn, create)
+        _schema_ok.add(engine)
+    try:
+        conn.execute(ops.ensure_row, {"p_name": name})
+    except sa.exc.DBAPIError:
+        conn.rollback()
+        _schema_ok.discard(engine)  # dropped or altered since: say what is wrong, if it is
+        check_schema(conn, create)
+        _schema_ok.add(engine)
+        conn.execute(ops.ensure_row, {"p_name": name})
+    conn.commit()
+
+
+def check_schema(conn: sa.Connection, create: bool) -> None:
+    """The table exists (created here if ``create``) with every column sqlflag needs."""
     if not sa.inspect(conn).has_table(TABLE_NAME):
         if not create:
             raise SchemaError(
@@ -300,8 +323,7 @@ def prepare(conn: sa.Connection, ops: Dialect, name: str, create: bool) -> None:
             f"table {TABLE_NAME!r} in {_where(conn)} lacks column(s) {', '.join(missing)}: "
             f"{MIGRATE_HINT}"
         )
-    conn.execute(ops.ensure_row, {"p_name": name})
-    conn.commit()
+    conn.commit()  # end the inspection's transaction
 
 
 def _where(conn: sa.Connection) -> str:

@@ -75,6 +75,8 @@ class Report:
     transitions: list[Transition]
     delay: float
     failed: bool = False
+    #: The step renewed (or acquired) a tenure we keep; ``delay`` is the renewal rhythm.
+    holding: bool = False
 
 
 def classify(exc: BaseException) -> str:
@@ -318,7 +320,7 @@ class FlagCore:
             # the whole timeout still lands before the local deadline.
             latest = self._deadline - s.timeout - t_done
             delay = min(self._jittered(s.interval / 2), max(latest, s.interval / 20))
-            return Report(transitions, delay)
+            return Report(transitions, delay, holding=True)
 
         if self._tenure is not None:
             transitions += self._lower(t_done, "stolen")

@@ -23,6 +23,7 @@ from ._clock import monotonic
 from ._core import FlagCore, Report, Step, Transition
 from ._dialects import Dialect
 from ._listen import Listener
+from ._queue import Deadlines, DueQueue
 from ._shell import FlagBase
 
 Callback = Callable[["Flag"], Any]
@@ -42,6 +43,7 @@ class _Notifier:
         self._cv = threading.Condition()
         self._tasks: deque[Callable[[], None]] = deque()
         self._timers: list[tuple[float, int, Callable[[], None]]] = []
+        self._deadlines: Deadlines[Flag] = Deadlines()
         self._stopping = False
         self.thread = threading.Thread(target=self._run, name=name, daemon=True)
         self.thread.start()
@@ -51,10 +53,21 @@ class _Notifier:
             self._tasks.append(task)
             self._cv.notify()
 
-    def call_at(self, when: float, task: Callable[[], None]) -> None:
+    def watch(self, flags: list[tuple[Flag, float]]) -> None:
+        """Check each flag at its deadline; one timer per distinct deadline."""
         with self._cv:
-            heapq.heappush(self._timers, (when, next(_seq), task))
+            for flag, when in flags:
+                if self._deadlines.add(when, flag):
+                    task: Callable[[], None] = functools.partial(self._expire, when)
+                    heapq.heappush(self._timers, (when, next(_seq), task))
             self._cv.notify()
+
+    def _expire(self, when: float) -> None:
+        with self._cv:
+            flags = self._deadlines.take(when)
+        again = [(flag, d) for flag in flags if (d := flag._check_deadline()) is not None]
+        if again:
+            self.watch(again)
 
     def stop(self) -> None:
         with self._cv:
@@ -106,7 +119,7 @@ class Scheduler:
         self.timeout = timeout
         self._key = key
         self._cv = threading.Condition()
-        self._heap: list[tuple[float, int, Flag]] = []
+        self._queue: DueQueue[Flag] = DueQueue()
         self._jobs: deque[Callable[[], None]] = deque()
         self._flags: weakref.WeakSet[Flag] = weakref.WeakSet()
         self._users = 0
@@ -142,8 +155,7 @@ class Scheduler:
             self._push(flag, monotonic())
 
     def _push(self, flag: Flag, when: float) -> None:
-        flag._due = (when, next(_seq))
-        heapq.heappush(self._heap, (*flag._due, flag))
+        self._queue.push(flag, when)
         self._cv.notify()
 
     def run_job(self, job: Callable[[], None], wait: float) -> bool:
@@ -193,16 +205,12 @@ class Scheduler:
                         self._drop_connection()
                         return
                     now = monotonic()
-                    if self._heap and self._heap[0][0] <= now:
-                        due, seq, flag = heapq.heappop(self._heap)
-                        if flag._due != (due, seq):
-                            continue  # rescheduled or closed
-                        group = _batch.companions(flag, self._flags, now)
-                        for member in group:
-                            member._due = None
+                    group = self._queue.pop_group(now)
+                    if group:
                         job = None
                         break
-                    self._cv.wait(self._heap[0][0] - now if self._heap else None)
+                    when = self._queue.next_time()
+                    self._cv.wait(None if when is None else when - now)
             if job is not None:
                 job()
             elif len(group) == 1:
@@ -234,16 +242,20 @@ class Scheduler:
                 error = exc
                 self._drop_connection()
             t_done = monotonic()
+            reports = []
             for flag, token in zip(batch.flags, batch.tokens, strict=True):
                 core = flag._core
                 with flag._cv:
                     core.metrics.observe_latency(t_done - t_sent)
                     renewed = core.settings.name in names
-                    report = core.finish_renewal(t_sent, t_done, token, renewed, error)
+                    reports.append(core.finish_renewal(t_sent, t_done, token, renewed, error))
+            for flag, report in zip(batch.flags, reports, strict=True):
                 flag._announce(report.transitions)
-                with self._cv:
-                    if not core.closed:
-                        self._push(flag, monotonic() + report.delay)
+            now = monotonic()
+            with self._cv:
+                for flag, delay in zip(batch.flags, _batch.aligned(reports), strict=True):
+                    if not flag._core.closed:
+                        self._push(flag, now + delay)
 
     def _step(self, flag: Flag, ok: bool | None = None) -> None:
         if ok is None:
@@ -432,17 +444,19 @@ class Flag(FlagBase):
             for cb in self._on_raised if tr.raised else self._on_lowered:
                 notifier.submit(functools.partial(self._call, cb))
         if arm:
-            notifier.call_at(deadline, self._check_deadline)
+            notifier.watch([(self, deadline)])
 
-    def _check_deadline(self) -> None:
+    def _check_deadline(self) -> float | None:
+        """On the notifier, at the deadline last seen: lower if it passed; else the deadline
+        to check next (renewals moved it on)."""
         with self._cv:
             transitions = self._core.expire(monotonic())
             deadline = self._core.deadline
             self._timer_armed = deadline > -math.inf
         if transitions:
             self._announce(transitions)
-        elif self._timer_armed:
-            self._scheduler.notifier.call_at(deadline, self._check_deadline)
+            return None
+        return deadline if self._timer_armed else None
 
     def _call(self, callback: Callback) -> None:
         try:

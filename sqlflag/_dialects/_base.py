@@ -162,6 +162,10 @@ class Dialect(abc.ABC):
             .ordered_values((t.c.renewed_at, self.now()), (t.c.expires_at, self.later()))
         )
 
+    def renew_many_params(self, keys: list[tuple[str, str, int]]) -> dict[str, Any]:
+        """Bound parameters of :attr:`renew_many` for ``keys`` (``p_interval`` aside)."""
+        return {"p_keys": keys}
+
     def renewed(self, result: CursorResult[Any], asked: int) -> set[str] | None:
         """Names renewed by :attr:`renew_many`; None when the dialect cannot tell which."""
         return {row[0] for row in result}
