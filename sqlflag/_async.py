@@ -188,10 +188,7 @@ class AsyncScheduler:
             error: BaseException | None = None
             names: set[str] = set()
             try:
-                conn = await asyncio.wait_for(self._connection(), self.timeout * 3)
-                result = await asyncio.wait_for(
-                    conn.execute(batch.statement, batch.params), self.timeout * 1.5 + 0.05
-                )
+                result = await self._send(batch.statement, batch.params)
                 names = _batch.renewed(self.dialect, batch, result)
                 result.close()
             except Exception as exc:
@@ -228,10 +225,7 @@ class AsyncScheduler:
         error: BaseException | None = None
         if step.statement is not None:
             try:
-                conn = await asyncio.wait_for(self._connection(), self.timeout * 3)
-                result = await asyncio.wait_for(
-                    conn.execute(step.statement, step.params), self.timeout * 1.5 + 0.05
-                )
+                result = await self._send(step.statement, step.params)
             except Exception as exc:
                 error = exc
                 await self._drop_connection()
@@ -242,6 +236,21 @@ class AsyncScheduler:
                 result.close()
         flag._announce(report.transitions)
         return report
+
+    async def _send(self, statement: Any, params: dict[str, Any]) -> Any:
+        """Run one statement on the scheduler's connection, bounded on the client side too
+        (asyncio drivers have no socket timeouts of their own)."""
+        try:
+            conn = await asyncio.wait_for(self._connection(), self.timeout * 3)
+        except TimeoutError as exc:
+            raise TimeoutError(
+                f"connecting to the database took over {self.timeout * 3:.3g} s"
+            ) from exc
+        bound = self.timeout * 1.5 + 0.05
+        try:
+            return await asyncio.wait_for(conn.execute(statement, params), bound)
+        except TimeoutError as exc:
+            raise TimeoutError(f"no answer from the database within {bound:.3g} s") from exc
 
     async def _connection(self) -> AsyncConnection:
         if self._conn is None:

@@ -8,7 +8,9 @@ including getting a connection) and the errors counter (one per failed attempt).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import logging
 import sqlite3
 import time
 from collections.abc import Iterator
@@ -17,6 +19,10 @@ import pytest
 import sqlalchemy as sa
 from harness.proxy import Proxy
 from prometheus_client import CollectorRegistry
+from sqlalchemy.ext.asyncio import create_async_engine
+from test_async import async_url, run
+
+import sqlflag
 
 TIMEOUT = 0.3  # the make_flag default (interval 1 s)
 HOLD = 4.0  # how long the database stays stuck
@@ -191,3 +197,53 @@ def test_close_on_a_silent_network_returns(dialect, proxied, make_flag):
     assert not flag.raised
     # close() waits at most about twice the timeout for the database, plus a second.
     assert took < 2 * TIMEOUT + 1 + 1, took
+
+
+@pytest.mark.dialects("postgresql", "mariadb")
+def test_async_statement_on_a_silent_network_gives_up_and_says_so(
+    dialect, db_url, flag_name, caplog
+):
+    """The async shell bounds each statement itself (its drivers have no socket timeouts):
+    a flag behind a silent network lowers by its deadline, counts timeouts, logs what timed
+    out in words, and comes back when the network answers again."""
+    url = sa.make_url(db_url)
+    proxy = Proxy(url.host or "127.0.0.1", url.port or 0)
+    proxy.start()
+    proxied_url = sa.make_url(async_url(db_url)).set(host="127.0.0.1", port=proxy.port)
+    metrics = Metrics()
+
+    async def main() -> None:
+        engine = create_async_engine(proxied_url)
+        flag = await (
+            sqlflag.new_flag().handle(engine).name(flag_name).process("a").interval(1.0)
+            .timeout(TIMEOUT).jitter(0.0).metrics_registerer(metrics.registry)
+            .metrics_subsystem("t").build_async()
+        )
+        try:
+            assert await flag.wait_raised(5)
+            proxy.blackhole()
+            started = time.monotonic()
+            assert await flag.wait_lowered(1.5), "still raised after the network went silent"
+            print(f"\n[{dialect}] async flag lowered {time.monotonic() - started:.3f} s "
+                  "after the network went silent")
+            await asyncio.sleep(2.0)
+            proxy.heal()
+            assert await flag.wait_raised(5), "did not recover once the network answered"
+        finally:
+            proxy.heal()
+            await flag.close()
+            await engine.dispose()
+
+    caplog.set_level(logging.WARNING, logger="sqlflag")
+    try:
+        run(main)
+    finally:
+        proxy.stop()
+    assert metrics.errors().get("timeout", 0) >= 1, metrics.errors()
+    assert metrics.over(CONNECT_BOUND) == 0, metrics.latencies()
+    said = [r.getMessage() for r in caplog.records if "database check failed" in r.getMessage()]
+    assert said, "no warning about the failed checks"
+    assert any(
+        "no answer from the database within" in m or "connecting to the database took" in m
+        for m in said
+    ), said
