@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import math
 import os
 import re
 import sys
@@ -46,6 +47,17 @@ class CliError(Exception):
 
 
 # --------------------------------------------------------------------------- database URL
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type: a finite number of seconds greater than zero."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
+    if not math.isfinite(value) or value <= 0:
+        raise argparse.ArgumentTypeError(f"must be greater than zero: {text!r}")
+    return value
 
 
 def resolve_url(cli_url: str | None) -> str:

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import logging
-import math
 import os
 import select
 import shlex
@@ -34,7 +33,7 @@ from typing import Any
 import sqlalchemy as sa
 
 import sqlflag
-from sqlflag._cli import PROG, SubParsers, describe_error
+from sqlflag._cli import PROG, SubParsers, describe_error, positive_seconds
 from sqlflag._cli_status import open_engine, require_table
 
 __all__ = [
@@ -333,20 +332,10 @@ class Runner:
 # --------------------------------------------------------------------------- the command
 
 
-def _seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be greater than zero: {text!r}")
-    return value
-
-
 def _non_negative_seconds(text: str) -> float:
     if text.strip() in ("0", "0.0"):
         return 0.0
-    return _seconds(text)
+    return positive_seconds(text)
 
 
 EPILOG = f"""\
@@ -406,7 +395,7 @@ def add_parser(subparsers: SubParsers, parents: Sequence[argparse.ArgumentParser
     )
     parser.add_argument(
         "--interval",
-        type=_seconds,
+        type=positive_seconds,
         default=30.0,
         metavar="S",
         help="lease length in seconds: a crashed leader is replaced within about this long "
@@ -414,7 +403,7 @@ def add_parser(subparsers: SubParsers, parents: Sequence[argparse.ArgumentParser
     )
     parser.add_argument(
         "--timeout",
-        type=_seconds,
+        type=positive_seconds,
         metavar="S",
         help="bound of each database statement in seconds (default: 1, or interval/4 if "
         "shorter)",

@@ -27,6 +27,7 @@ from sqlflag._cli import (
     SubParsers,
     describe_error,
     parse_url,
+    positive_seconds,
     resolve_url,
     safe_url,
 )
@@ -198,7 +199,7 @@ def add_parser(subparsers: SubParsers, parents: Sequence[argparse.ArgumentParser
     )
     parser.add_argument(
         "--every",
-        type=_positive_seconds,
+        type=positive_seconds,
         default=1.0,
         metavar="S",
         help="seconds between refreshes with --watch (default: %(default)s)",
@@ -210,16 +211,6 @@ def add_parser(subparsers: SubParsers, parents: Sequence[argparse.ArgumentParser
         "(name, holder, token, expires_in, raised)",
     )
     parser.set_defaults(handler=cmd_status)
-
-
-def _positive_seconds(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not math.isfinite(value) or value <= 0:
-        raise argparse.ArgumentTypeError(f"must be greater than zero: {text!r}")
-    return value
 
 
 def _print_once(

@@ -12,10 +12,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
-import os
 import signal
 import sys
-import time
+
+from flag_worker import freeze_on_sigusr1, reading  # this folder is sys.path[0]
 
 
 async def run(args: argparse.Namespace) -> None:
@@ -37,33 +37,17 @@ async def run(args: argparse.Namespace) -> None:
         .jitter(0)
         .build_async()
     )
-    clock = time.CLOCK_BOOTTIME
     sys.setswitchinterval(30)  # keep the GIL with the woken thread (see flag_worker.py)
     with open(args.out, "a", buffering=1 << 16) as out:
-
-        def freeze(signum: int, frame: object) -> None:
-            out.write("# freezing\n")
-            out.flush()
-            os.kill(os.getpid(), signal.SIGSTOP)
-            t0 = time.clock_gettime(clock)
-            raised = flag.raised
-            token = flag.token
-            t1 = time.clock_gettime(clock)
-            out.write(f"{t0:.6f} {t1:.6f} {int(raised)} {token or 0} woke\n")
-            out.flush()
-
         # A plain (not asyncio) handler: it runs at once on the main thread, inside whatever
         # the loop was doing, and reads the flag before the loop gets to run again.
-        signal.signal(signal.SIGUSR1, freeze)
+        freeze_on_sigusr1(out, flag)
         out.write("# built\n")
         out.flush()
         last = None
         while not stop.is_set():
-            t0 = time.clock_gettime(clock)
-            raised = flag.raised
-            token = flag.token
-            t1 = time.clock_gettime(clock)
-            out.write(f"{t0:.6f} {t1:.6f} {int(raised)} {token or 0}\n")
+            line, raised = reading(flag)
+            out.write(line)
             if raised != last:
                 out.flush()
                 last = raised

@@ -22,6 +22,32 @@ import signal
 import sys
 import threading
 import time
+from typing import Any, TextIO
+
+CLOCK = time.CLOCK_BOOTTIME
+
+
+def reading(flag: Any, mark: str = "") -> tuple[str, bool]:
+    """One line ``t0 t1 raised token[ mark]`` read off ``flag`` now, and ``raised``."""
+    t0 = time.clock_gettime(CLOCK)
+    raised = flag.raised
+    token = flag.token
+    t1 = time.clock_gettime(CLOCK)
+    return f"{t0:.6f} {t1:.6f} {int(raised)} {token or 0}{mark}\n", raised
+
+
+def freeze_on_sigusr1(out: TextIO, flag: Any) -> None:
+    """SIGUSR1: stop this process from inside the handler (its thread holds the GIL until
+    SIGCONT and after), then record the first reading after waking, marked ``woke``."""
+
+    def freeze(signum: int, frame: object) -> None:
+        out.write("# freezing\n")
+        out.flush()
+        os.kill(os.getpid(), signal.SIGSTOP)
+        out.write(reading(flag, " woke")[0])
+        out.flush()
+
+    signal.signal(signal.SIGUSR1, freeze)
 
 
 def main() -> int:
@@ -53,33 +79,17 @@ def main() -> int:
         .jitter(0)
         .build()
     )
-    clock = time.CLOCK_BOOTTIME
     # Threads here only compute between I/O waits: none needs to be preempted, and a long
     # switch interval keeps the GIL with the frozen thread when the process resumes.
     sys.setswitchinterval(30)
     with open(args.out, "a", buffering=1 << 16) as out:
-
-        def freeze(signum: int, frame: object) -> None:
-            out.write("# freezing\n")
-            out.flush()
-            os.kill(os.getpid(), signal.SIGSTOP)  # holds the GIL until SIGCONT and after
-            t0 = time.clock_gettime(clock)
-            raised = flag.raised
-            token = flag.token
-            t1 = time.clock_gettime(clock)
-            out.write(f"{t0:.6f} {t1:.6f} {int(raised)} {token or 0} woke\n")
-            out.flush()
-
-        signal.signal(signal.SIGUSR1, freeze)
+        freeze_on_sigusr1(out, flag)
         out.write("# built\n")
         out.flush()
         last = None
         while not stop.is_set():
-            t0 = time.clock_gettime(clock)
-            raised = flag.raised
-            token = flag.token
-            t1 = time.clock_gettime(clock)
-            out.write(f"{t0:.6f} {t1:.6f} {int(raised)} {token or 0}\n")
+            line, raised = reading(flag)
+            out.write(line)
             if raised != last:
                 out.flush()
                 last = raised
