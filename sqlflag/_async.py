@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
-import math
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -396,12 +395,10 @@ class AsyncFlag(FlagBase):
 
     def _check_deadline(self) -> float | None:
         """At the deadline last seen: lower if it passed; else the deadline to check next."""
-        transitions = self._core.expire(monotonic())
-        self._timer_armed = self._core.deadline > -math.inf
-        if transitions:
-            self._announce(transitions)
-            return None
-        return self._core.deadline if self._timer_armed else None
+        transitions, again = self._core.deadline_check(monotonic())
+        self._timer_armed = again is not None
+        self._announce(transitions)
+        return again
 
     async def _call(self, callback: AsyncCallback) -> None:
         try:

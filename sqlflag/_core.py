@@ -383,6 +383,13 @@ class FlagCore:
 
     # -- lowering ---------------------------------------------------------------------------
 
+    def deadline_check(self, now: float) -> tuple[list[Transition], float | None]:
+        """At a deadline timer: lower if the local deadline passed; else the deadline to
+        check next (renewals moved it on). None: lowered, nothing left to watch."""
+        transitions = self.expire(now)
+        deadline = self.deadline
+        return transitions, (deadline if deadline > -math.inf else None)
+
     def expire(self, now: float) -> list[Transition]:
         """Lower a tenure whose local deadline has passed without a renewal."""
         if self._tenure is not None and now >= self._deadline:

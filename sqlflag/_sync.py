@@ -8,7 +8,6 @@ import functools
 import heapq
 import itertools
 import logging
-import math
 import threading
 import weakref
 from collections import deque
@@ -450,13 +449,10 @@ class Flag(FlagBase):
         """On the notifier, at the deadline last seen: lower if it passed; else the deadline
         to check next (renewals moved it on)."""
         with self._cv:
-            transitions = self._core.expire(monotonic())
-            deadline = self._core.deadline
-            self._timer_armed = deadline > -math.inf
-        if transitions:
-            self._announce(transitions)
-            return None
-        return deadline if self._timer_armed else None
+            transitions, again = self._core.deadline_check(monotonic())
+            self._timer_armed = again is not None
+        self._announce(transitions)
+        return again
 
     def _call(self, callback: Callback) -> None:
         try:
