@@ -141,3 +141,12 @@ def make_flag(engine: sa.Engine, flag_name: str) -> Iterator[Callable[..., sqlfl
     yield make
     for flag in built:
         flag.close()
+
+
+def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:
+    """``-n auto``: two workers per core (the tests mostly wait on databases and timers),
+    at most 8; ``SQLFLAG_TEST_WORKERS`` overrides."""
+    chosen = os.environ.get("SQLFLAG_TEST_WORKERS")
+    if chosen:
+        return int(chosen)
+    return max(1, min(8, 2 * (os.cpu_count() or 1)))
