@@ -72,13 +72,13 @@ class _Families:
         self.lowerings = make(
             Counter,
             "leadership_flag_lowered",
-            "Tenures that ended, by reason: released, closed, precheck, expired, stolen.",
+            "Tenures that ended, by reason: closed, precheck, expired, stolen.",
             (*LABELS, "reason"),
         )
         self.errors = make(
             Counter,
             "leadership_flag_errors",
-            "Failed database statements, by kind: timeout, connection, database, invalid_row.",
+            "Failed statements, by kind: timeout, connection, database, invalid_row, other.",
             (*LABELS, "kind"),
         )
         self.latency = make(
