@@ -93,7 +93,9 @@ def classify(exc: BaseException) -> str:
     # MySQL drivers: a numeric error code first (PyMySQL also sets a ``sqlstate``, but a
     # MySQL one: 70100 for max_statement_time, HY000 for a lock wait timeout).
     args = getattr(orig, "args", ())
-    code = args[0] if args and isinstance(args[0], int) else None
+    # An OSError's first argument is an errno, not a MySQL code (asyncpg raises a bare
+    # ConnectionRefusedError when the server is unreachable).
+    code = args[0] if args and isinstance(args[0], int) and not isinstance(orig, OSError) else None
     if code is not None:
         if code in (1205, 1969, 3024):
             return "timeout"
@@ -276,7 +278,8 @@ class FlagCore:
                 return self._checked(t_sent, t_done, outcome)
         if error is not None:
             return self._failed(t_done, error)
-        self._recovered()
+        if step.statement is not None:  # a skip asked nothing of the database
+            self._recovered()
         if step.kind == "ensure":
             self._need_row = False
             return Report([], 0.0)

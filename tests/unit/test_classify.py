@@ -180,11 +180,6 @@ def test_driver_errors_map_to_the_documented_kinds(case: str) -> None:
     assert classify(build()) == kind
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: asyncpg raises a bare ConnectionRefusedError (SQLAlchemy does not wrap it); "
-    "its errno (111) is taken for a MySQL error code and the kind is 'database'",
-)
 def test_asyncpg_unreachable_server_is_a_connection_error() -> None:
     # What `create_async_engine("postgresql+asyncpg://...:1/...").connect()` raises.
     refused = ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 1)")

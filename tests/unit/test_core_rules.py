@@ -266,11 +266,6 @@ def test_precheck_false_while_lowered_sends_nothing(
     assert back.step.kind == "check" and back.transitions == [Transition(True, 2, "acquired")]
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: finish() of a skip step (nothing sent) logs 'database answering again' and "
-    "resets the error count, though the database was not asked",
-)
 def test_a_skip_step_does_not_count_as_the_database_answering(
     make_core: Make, run: Run, unit_log: pytest.LogCaptureFixture
 ) -> None:
