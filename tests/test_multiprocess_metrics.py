@@ -266,6 +266,7 @@ def test_gunicorn_example_sigkilled_leader(db_url, flag_name, tmp_path, multipro
     env.update(
         PROMETHEUS_MULTIPROC_DIR=str(multiproc_dir), SQLFLAG_URL=db_url, FLAG_NAME=flag_name,
         FLAG_INTERVAL=str(INTERVAL),
+        XDG_RUNTIME_DIR=str(tmp_path),  # gunicorn's control socket (25.1+): not in $HOME
     )
     (multiproc_dir / "gauge_livesum_999999.db").write_bytes(b"stale")  # from an earlier run
     out = tmp_path / "gunicorn.out"
