@@ -319,6 +319,7 @@ class FlagCore:
                     "flag %r raised by process %r with token %d", s.name, s.process, token
                 )
                 transitions.append(Transition(True, token, "acquired"))
+            self.metrics.renewed(self._deadline - t_done)
             # Renew every interval/2 (jittered), but always early enough that a renewal taking
             # the whole timeout still lands before the local deadline.
             latest = self._deadline - s.timeout - t_done

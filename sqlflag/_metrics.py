@@ -1,7 +1,17 @@
-"""Prometheus metrics of a flag; families shared by every flag on one registry and subsystem."""
+"""Prometheus metrics of a flag; families shared by every flag on one registry and subsystem.
+
+In prometheus_client's multiprocess mode (``PROMETHEUS_MULTIPROC_DIR`` set before it is
+imported, as under gunicorn) each process writes its values to files that a
+``MultiProcessCollector`` merges at scrape time. The gauges say how to merge them: ``live*``
+modes, so that ``mark_process_dead(pid)`` drops a dead process's values (a killed leader stops
+counting as one), aggregated per flag so the series look as in single-process mode (no ``pid``
+label). There, ``set_function`` has no effect (the collector reads only the files), so the
+lease left is written at every acquisition and renewal instead of computed at scrape time.
+"""
 
 from __future__ import annotations
 
+import os
 import threading
 import weakref
 from typing import TYPE_CHECKING, Any, Protocol
@@ -23,6 +33,7 @@ class FlagMetrics(Protocol):
     def bind(self, core: FlagCore) -> None: ...
     def set_raised(self, token: int) -> None: ...
     def set_lowered(self, reason: str) -> None: ...
+    def renewed(self, lease_left: float) -> None: ...
     def error(self, kind: str) -> None: ...
     def observe_latency(self, seconds: float) -> None: ...
     def close(self) -> None: ...
@@ -38,6 +49,9 @@ class NoMetrics:
         pass
 
     def set_lowered(self, reason: str) -> None:
+        pass
+
+    def renewed(self, lease_left: float) -> None:
         pass
 
     def error(self, kind: str) -> None:
@@ -57,14 +71,27 @@ class _Families:
         def make(cls: Any, name: str, doc: str, labels: tuple[str, ...] = LABELS, **kw: Any) -> Any:
             return cls(name, doc, labels, subsystem=subsystem, registry=registry, **kw)
 
-        self.state = make(Gauge, "leadership_flag_state", "State of the flag: 1 raised, 0 lowered.")
+        # Multiprocess modes, per (name, process) over live processes: ``state`` sums (1 with one
+        # leader, even if processes share a ``process`` label); ``token`` and ``lease_left``
+        # take the largest, the holder's (the others write 0).
+        self.state = make(
+            Gauge,
+            "leadership_flag_state",
+            "State of the flag: 1 raised, 0 lowered.",
+            multiprocess_mode="livesum",
+        )
         self.token = make(
-            Gauge, "leadership_flag_token", "Fencing token of the current tenure; 0 while lowered."
+            Gauge,
+            "leadership_flag_token",
+            "Fencing token of the current tenure; 0 while lowered.",
+            multiprocess_mode="livemax",
         )
         self.lease_left = make(
             Gauge,
             "leadership_flag_lease_seconds_left",
-            "Seconds until this holder's lease runs out unless renewed; 0 while lowered.",
+            "Seconds until this holder's lease runs out unless renewed; 0 while lowered "
+            "(in prometheus_client multiprocess mode: as of the last renewal).",
+            multiprocess_mode="livemax",
         )
         self.acquisitions = make(
             Counter, "leadership_flag_acquisitions", "Tenures this process started (new tokens)."
@@ -105,6 +132,18 @@ def families(subsystem: str, registry: CollectorRegistry) -> _Families:
         return found
 
 
+def _in_files(child: Gauge) -> bool:
+    """True when ``child`` keeps its value in prometheus_client's multiprocess files.
+
+    Its value class says so (``_multiprocess``, chosen when prometheus_client is imported;
+    private but present from 0.20 on); failing that, the environment variable that chooses it.
+    """
+    found = getattr(getattr(child, "_value", None), "_multiprocess", None)
+    if isinstance(found, bool):
+        return found
+    return "PROMETHEUS_MULTIPROC_DIR" in os.environ or "prometheus_multiproc_dir" in os.environ
+
+
 class PrometheusMetrics:
     """One flag's children of the shared families."""
 
@@ -113,19 +152,26 @@ class PrometheusMetrics:
         self._labels = (name, process)
         self._state = self._f.state.labels(*self._labels)
         self._token = self._f.token.labels(*self._labels)
+        self._lease_left = self._f.lease_left.labels(*self._labels)
         self._acquisitions = self._f.acquisitions.labels(*self._labels)
         self._latency = self._f.latency.labels(*self._labels)
+        #: Multiprocess mode: the lease left is written at renewals (no ``set_function``).
+        self._write_lease = _in_files(self._lease_left)
         self._state.set(0)
         self._token.set(0)
+        self._lease_left.set(0)
 
     def bind(self, core: FlagCore) -> None:
+        """Single-process mode: the lease left, computed from ``core`` at every scrape."""
+        if self._write_lease:
+            return
         ref = weakref.ref(core)
 
         def lease_left() -> float:
             c = ref()
             return 0.0 if c is None else c.lease_left(monotonic())
 
-        self._f.lease_left.labels(*self._labels).set_function(lease_left)
+        self._lease_left.set_function(lease_left)
 
     def set_raised(self, token: int) -> None:
         self._state.set(1)
@@ -135,7 +181,14 @@ class PrometheusMetrics:
     def set_lowered(self, reason: str) -> None:
         self._state.set(0)
         self._token.set(0)
+        if self._write_lease:
+            self._lease_left.set(0)
         self._f.lowerings.labels(*self._labels, reason).inc()
+
+    def renewed(self, lease_left: float) -> None:
+        """A tenure was acquired or renewed; ``lease_left``: seconds until it runs out."""
+        if self._write_lease:
+            self._lease_left.set(lease_left)
 
     def error(self, kind: str) -> None:
         self._f.errors.labels(*self._labels, kind).inc()
@@ -146,4 +199,7 @@ class PrometheusMetrics:
     def close(self) -> None:
         self._state.set(0)
         self._token.set(0)
-        self._f.lease_left.labels(*self._labels).set_function(lambda: 0.0)
+        if self._write_lease:
+            self._lease_left.set(0)
+        else:
+            self._lease_left.set_function(lambda: 0.0)

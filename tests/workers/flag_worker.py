@@ -4,7 +4,8 @@ It builds the flag, writes ``# built``, then reads ``raised`` and ``token`` ever
 appends one line per reading: ``t0 t1 raised token``, where t0 and t1 are CLOCK_BOOTTIME just
 before and after the reads (system-wide, so the test compares them with other processes). A
 line is flushed at once when ``raised`` changes, so the test can follow along. SIGTERM closes
-the flag (releasing the lease) and exits 0.
+the flag (releasing the lease) and exits 0. ``--metrics-subsystem`` gives the flag metrics on
+prometheus_client's default registry (multiprocess mode when ``PROMETHEUS_MULTIPROC_DIR`` is set).
 
 SIGUSR1 freezes the process from inside: the handler sends itself SIGSTOP while its thread
 holds the GIL, and once the test sends SIGCONT it reads the flag before returning, a reading
@@ -58,6 +59,7 @@ def main() -> int:
     parser.add_argument("--interval", type=float, default=1.0)
     parser.add_argument("--timeout", type=float, default=0.3)
     parser.add_argument("--out", required=True)
+    parser.add_argument("--metrics-subsystem", default="")
     args = parser.parse_args()
 
     import sqlalchemy as sa
@@ -77,6 +79,7 @@ def main() -> int:
         .interval(args.interval)
         .timeout(args.timeout)
         .jitter(0)
+        .metrics_subsystem(args.metrics_subsystem)
         .build()
     )
     # Threads here only compute between I/O waits: none needs to be preempted, and a long

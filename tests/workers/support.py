@@ -433,11 +433,13 @@ class Worker:
         out: Path,
         interval: float = 1.0,
         timeout: float = 0.3,
+        metrics_subsystem: str = "",
+        env: dict[str, str] | None = None,
     ) -> None:
         self.out = out
         self.err = out.with_suffix(".err")
         self._err = self.err.open("wb")
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
+        env = {**os.environ, **(env or {}), "PYTHONPATH": str(REPO)}
         self.proc = subprocess.Popen(
             [
                 sys.executable,
@@ -448,6 +450,7 @@ class Worker:
                 "--interval", str(interval),
                 "--timeout", str(timeout),
                 "--out", str(out),
+                "--metrics-subsystem", metrics_subsystem,
             ],
             env=env,
             stdout=subprocess.DEVNULL,
