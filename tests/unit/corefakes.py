@@ -57,6 +57,7 @@ class RecordingMetrics:
     lowered: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     latencies: list[float] = field(default_factory=list)
+    renewals: list[float] = field(default_factory=list)
     closed: int = 0
 
     def bind(self, core: FlagCore) -> None:
@@ -67,6 +68,9 @@ class RecordingMetrics:
 
     def set_lowered(self, reason: str) -> None:
         self.lowered.append(reason)
+
+    def renewed(self, lease_left: float) -> None:
+        self.renewals.append(lease_left)
 
     def error(self, kind: str) -> None:
         self.errors.append(kind)

@@ -70,6 +70,22 @@ def test_acquisition_raises_with_the_token_until_t_sent_plus_interval_minus_marg
     assert core.metrics.latencies == [pytest.approx(rtt)]
 
 
+def test_each_acquisition_and_renewal_reports_the_lease_left_at_its_answer(
+    make_core: Make, run: Run
+) -> None:
+    # Multiprocess metrics write this figure (no scrape-time function there).
+    core = make_core()
+    rtt = 0.5
+    run(core, T0, won(7), rtt=rtt)
+    run(core, T0 + 5, won(7), rtt=rtt)
+    assert core.metrics.renewals == [
+        pytest.approx(LEASE - rtt, abs=1e-9),
+        pytest.approx(LEASE - rtt, abs=1e-9),
+    ]
+    run(core, T0 + 10, lost(holder="p2", holder_token=8, lease_left=9.0))
+    assert core.metrics.renewals == [pytest.approx(LEASE - rtt, abs=1e-9)] * 2
+
+
 def test_raised_is_false_at_and_after_the_deadline_with_no_statement(
     make_core: Make, acquire: Run
 ) -> None:
