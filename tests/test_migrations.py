@@ -845,6 +845,21 @@ def test_host_application(url: str, tmp_path: Path) -> None:
     result = _ok(_run([ALEMBIC, "-x", f"url={url}", "heads"], cwd=host, env=env))
     assert "(sqlflag)" in result.stdout and "(hostapp)" in result.stdout
 
+    # The documented commands for this layout: a new revision names its branch (and so lands
+    # in the host's directory, never in sqlflag's); one step down names it too.
+    (host / "migrations" / "script.py.mako").write_text(HOST_SCRIPT_TEMPLATE)
+    theirs = sorted(p.name for p in (_migrate.migrations_path() / "versions").iterdir())
+    _ok(_run([ALEMBIC, "revision", "--head", "hostapp@head", "-m", "next"], cwd=host, env=env))
+    (new,) = set((host / "migrations" / "versions").glob("*_next.py"))
+    assert f"down_revision = '{HOST_REVISION}'" in new.read_text()
+    assert sorted(p.name for p in (_migrate.migrations_path() / "versions").iterdir()) == theirs
+    new.unlink()
+    _ok(_run([ALEMBIC, "-x", f"url={url}", "downgrade", "hostapp@-1"], cwd=host, env=env))
+    assert _tables(url) == {TABLE, "alembic_version"}
+    assert _version_rows(url, "alembic_version") == {_head()}
+    _ok(_run([ALEMBIC, "-x", f"url={url}", "upgrade", "heads"], cwd=host, env=env))
+    _assert_host_migrated(url)
+
     _ok(_run([ALEMBIC, "-x", f"url={url}", "downgrade", "base"], cwd=host, env=env))
     assert _tables(url) == {"alembic_version"}
 
