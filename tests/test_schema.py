@@ -283,3 +283,67 @@ def test_alembic_helpers_in_a_schema(
         sqlflag.alembic.drop_table(Operations(MigrationContext.configure(conn)), schema=one)
         conn.commit()
     assert _tables(engine, one) == set()
+
+
+@pytest.mark.dialects("postgresql", "mariadb")
+def test_cli_run_in_a_schema(
+    engine: sa.Engine, db_url: str, schemas: list[str], flag_name: str
+) -> None:
+    """``sqlflag run --schema S`` competes for the flag in S (and says so when S lacks the
+    table)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    one = schemas[0]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SQLFLAG_URL")}
+    if os.environ.get("SQLFLAG_EXPECT_INSTALLED") != "1":
+        env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1])
+    command = [
+        sys.executable, "-m", "sqlflag", "run", "--url", db_url, "--schema", one,
+        "--name", flag_name, "--interval", "1", "--wait", "20", "-q", "--",
+        sys.executable, "-c", "import os; print(os.environ['SQLFLAG_TOKEN'])",
+    ]
+    def run() -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            command, env=env, capture_output=True, text=True, timeout=60, check=False
+        )
+
+    missing = run()
+    assert missing.returncode == 1, missing.stderr
+    assert f"schema {one!r}" in missing.stderr
+
+    _migrate.upgrade(db_url, schema=one)
+    done = run()
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "1"
+    (state,) = sqlflag.inspect(engine, flag_name, schema=one)
+    assert state.token == 1 and not state.raised  # released on exit
+    assert sqlflag.inspect(engine, flag_name) == []
+
+
+@pytest.mark.dialects("postgresql", "mariadb")
+def test_batched_renewals_in_a_schema(
+    engine: sa.Engine, db_url: str, schemas: list[str], flag_name: str
+) -> None:
+    """Several flags held on one engine in a schema are renewed (in batches) there."""
+    import time
+
+    one = schemas[0]
+    _migrate.upgrade(db_url, schema=one)
+    names = [f"{flag_name}-{i}" for i in range(4)]
+    flags = [_build(engine, name, "p", one) for name in names]
+    try:
+        for flag in flags:
+            assert flag.wait_raised(WAIT)
+        tokens = [flag.token for flag in flags]
+        time.sleep(3 * INTERVAL)  # several renewals, past the first lease
+        assert all(flag.raised for flag in flags)
+        assert [flag.token for flag in flags] == tokens
+        states = sqlflag.inspect(engine, schema=one)
+        assert sorted(s.name for s in states if s.raised) == sorted(names)
+        assert min(s.expires_in for s in states) > 0
+    finally:
+        for flag in flags:
+            flag.close()
