@@ -408,6 +408,40 @@ def test_alembic_cli_from_checkout(url: str) -> None:
     assert TABLE not in _tables(url)
 
 
+@pytest.mark.parametrize("kind", [p for p in KIND_PARAMS if p.id != "sqlite"], indirect=True)
+def test_alembic_cli_schema(kind: str, url: str) -> None:
+    """``-x schema=S`` (what ``sqlflag migrate --schema`` sets programmatically): the table
+    and its version table in S, the default schema untouched; ``downgrade base`` there."""
+    schema = f"sqlflag_x_{uuid.uuid4().hex[:8]}"
+    q = '"' if kind == "postgresql" else "`"
+    create, drop = (
+        ("CREATE SCHEMA", "DROP SCHEMA IF EXISTS {} CASCADE")
+        if kind == "postgresql"
+        else ("CREATE DATABASE", "DROP DATABASE IF EXISTS {}")
+    )
+    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f"{create} {q}{schema}{q}")
+    try:
+        x = ["-x", f"url={url}", "-x", f"schema={schema}"]
+        _ok(_run([ALEMBIC, *x, "upgrade", "head"], cwd=ROOT, env=_env()))
+        with _connect(url) as connection:
+            assert set(sa.inspect(connection).get_table_names(schema=schema)) == {
+                TABLE,
+                VERSION_TABLE,
+            }
+        assert TABLE not in _tables(url)
+        assert _migrate.current(url, schema) == (_head(),)
+        assert _migrate.current(url) == ()
+        _ok(_run([ALEMBIC, *x, "downgrade", "base"], cwd=ROOT, env=_env()))
+        with _connect(url) as connection:
+            assert set(sa.inspect(connection).get_table_names(schema=schema)) == {VERSION_TABLE}
+    finally:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(drop.format(f"{q}{schema}{q}"))
+        admin.dispose()
+
+
 def test_alembic_cli_offline_sql(url: str) -> None:
     result = _ok(
         _run([ALEMBIC, "-x", f"url={url}", "upgrade", "head", "--sql"], cwd=ROOT, env=_env())
