@@ -30,6 +30,13 @@ MAX_NAME = 255
 MIGRATE_HINT = "run `alembic upgrade head` (or `sqlflag migrate --url URL`)"
 
 
+def _hint(schema: str | None) -> str:
+    """What to run to create or upgrade the table (in ``schema``)."""
+    if schema is None:
+        return MIGRATE_HINT
+    return f"run `alembic upgrade head` (or `sqlflag migrate --url URL --schema {schema}`)"
+
+
 def new_flag() -> FlagBuilder:
     """A builder for a leadership flag (the counterpart of Go's ``leadership.NewFlag()``)."""
     return FlagBuilder()
@@ -327,8 +334,8 @@ def check_schema(conn: sa.Connection, create: bool, schema: str | None = None) -
     if not sa.inspect(conn).has_table(TABLE_NAME, schema=schema):
         if not create:
             raise SchemaError(
-                f"table {TABLE_NAME!r} does not exist in {_where(conn, schema)}: {MIGRATE_HINT}, "
-                "or build with create_table(True) in development"
+                f"table {TABLE_NAME!r} does not exist in {_where(conn, schema)}: "
+                f"{_hint(schema)}, or build with create_table(True) in development"
             )
         try:
             # ``conn`` translates the table's schema (None) to ``schema``.
@@ -343,7 +350,7 @@ def check_schema(conn: sa.Connection, create: bool, schema: str | None = None) -
     if missing:
         raise SchemaError(
             f"table {TABLE_NAME!r} in {_where(conn, schema)} lacks column(s) "
-            f"{', '.join(missing)}: {MIGRATE_HINT}"
+            f"{', '.join(missing)}: {_hint(schema)}"
         )
     if conn.dialect.name in ("mysql", "mariadb"):
         _warn_inexact_names(conn, schema)
@@ -369,7 +376,7 @@ def _warn_inexact_names(conn: sa.Connection, schema: str | None) -> None:
             TABLE_NAME,
             _where(conn, schema),
             found,
-            MIGRATE_HINT,
+            _hint(schema),
         )
 
 

@@ -67,10 +67,11 @@ table = sa.Table(
     comment="sqlflag leadership leases, one row per flag name.",
 )
 
+
 def schema_options(schema: str | None) -> dict[str, Any]:
     """Execution options that run sqlflag's statements on its table in ``schema``: the one
     ``Table`` (schema None) is translated when a statement runs, so each statement is still
-    compiled once per engine and schema."""
+    compiled once and cached, and the schema name is filled in at execution."""
     return {} if schema is None else {"schema_translate_map": {None: schema}}
 
 

@@ -177,6 +177,20 @@ def test_schema_async_and_create_table(
     sync = sa.create_engine(db_url, poolclass=sa.NullPool)
     try:
         assert sqlflag.table.name in _tables(sync, one)
+        if dialect == "mariadb":  # create_table(True) builds names that compare exactly too
+            with sync.connect() as conn:
+                found = conn.execute(
+                    sa.text(
+                        "SELECT column_name, collation_name FROM information_schema.columns "
+                        "WHERE table_schema = :s AND table_name = 'leadership_flags' "
+                        "AND column_name IN ('name', 'holder')"
+                    ),
+                    {"s": one},
+                ).all()
+            assert sorted(tuple(r) for r in found) == [
+                ("holder", "utf8mb4_nopad_bin"),
+                ("name", "utf8mb4_nopad_bin"),
+            ]
     finally:
         sync.dispose()
 
@@ -191,7 +205,7 @@ def test_schema_missing_table_names_the_schema(
         _build(engine, flag_name, "p", one)
     message = str(info.value)
     assert f"schema {one!r}" in message and "leadership_flags" in message
-    assert "sqlflag migrate" in message
+    assert f"sqlflag migrate --url URL --schema {one}" in message
     assert _cli.main(["status", "--url", db_url, "--schema", one]) == 1
     err = capsys.readouterr().err
     assert f"schema {one!r}" in err and f"migrate --schema {one}" in err
