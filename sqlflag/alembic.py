@@ -17,17 +17,18 @@ lineage, one head and one version table (yours)::
 sqlflag's schema ships a pair of helpers here, an upgrade and its downgrade; a host whose table
 was created by an older sqlflag calls the upgrades it has not run yet from a new revision:
 
-========================  ==========================  ===================================
-sqlflag release           upgrade                      downgrade
-========================  ==========================  ===================================
-0.1 (table created)       :func:`create_table`         :func:`drop_table`
-0.2 (names exact)         :func:`exact_names`          :func:`undo_exact_names`
-========================  ==========================  ===================================
+* sqlflag 0.1, the table: :func:`create_table` / :func:`drop_table`;
+* sqlflag 0.2, names compared exactly on MySQL/MariaDB: :func:`exact_names` /
+  :func:`undo_exact_names`.
 
-sqlflag's own packaged revisions (``sqlflag migrate``, ``alembic`` from a checkout) call the
-same helpers, so both ways build the same table. Each helper takes ``op`` (the ``alembic.op``
-proxy, or an :class:`alembic.operations.Operations`) and the table's ``schema`` (None: the
-connection's default schema; on MySQL/MariaDB a schema is a database).
+sqlflag's own packaged revisions (``sqlflag migrate``, ``alembic`` from a checkout) are made
+of the same code: the first creates the 0.1 table with the column list of
+:func:`create_table`, the next one calls :func:`exact_names`, so both ways build the same
+table (the test suite compares both with ``sqlflag.metadata``).
+
+Each helper takes ``op`` (the ``alembic.op`` proxy, or an
+:class:`alembic.operations.Operations`) and the table's ``schema`` (None: the connection's
+default schema; on MySQL/MariaDB a schema is a database).
 """
 
 from __future__ import annotations
