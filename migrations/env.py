@@ -16,9 +16,15 @@ explicitly (``sqlflag migrate --url B`` with ``SQLFLAG_URL=A`` in the environmen
 redirected to another one by the environment.
 
 Our revisions are recorded in the version table ``sqlflag_alembic_version``, so a standalone run
-never touches a host application's ``alembic_version``. A host application that includes our
-versions directory in its own Alembic setup uses its own ``env.py`` (and its own version table)
-instead of this file; see ``docs/migrations.md``.
+never touches a host application's ``alembic_version``.
+
+The schema (MySQL/MariaDB: database) of the table: ``-x schema=NAME``, else
+``config.attributes["schema"]`` (what ``sqlflag migrate --schema`` sets), else the connection's
+default. The version table goes into that schema too, so each schema keeps its own revision.
+
+A host application does not use this file: it calls ``sqlflag.alembic`` from revisions of its
+own (or includes our versions directory) under its own ``env.py`` and version table; see
+``docs/migrations.md``.
 
 Async driver URLs (``postgresql+asyncpg``, ``mysql+aiomysql``, ``sqlite+aiosqlite``, ...) work
 too: they are run through :meth:`AsyncConnection.run_sync`.
@@ -125,9 +131,26 @@ def _include_name(name: str | None, type_: str, parent_names: object) -> bool:
     return True
 
 
+def _schema() -> str | None:
+    x_schema = context.get_x_argument(as_dictionary=True).get("schema")
+    if x_schema:
+        return x_schema
+    attr_schema = config.attributes.get("schema")
+    if attr_schema is not None and not isinstance(attr_schema, str):
+        raise CommandError(
+            f'config.attributes["schema"] must be a string, not {type(attr_schema).__name__}'
+        )
+    return attr_schema or None
+
+
+SCHEMA = _schema()
+
 _CONFIGURE_OPTIONS: dict[str, object] = {
     "target_metadata": target_metadata,
     "version_table": VERSION_TABLE,
+    "version_table_schema": SCHEMA,
+    # Read by the revisions (sqlflag.alembic._packaged_schema): where the table goes.
+    "sqlflag_schema": SCHEMA,
     "include_name": _include_name,
     "compare_type": True,
     "compare_server_default": True,
@@ -171,7 +194,7 @@ def run_migrations_online(database: sa.Connection | sa.URL) -> None:
     log.info(
         "sqlflag migrations on %s (version table %s)",
         database.render_as_string(hide_password=True),
-        VERSION_TABLE,
+        VERSION_TABLE if SCHEMA is None else f"{SCHEMA}.{VERSION_TABLE}",
     )
     if database.get_dialect().is_async:
         asyncio.run(_run_async(database))

@@ -1,9 +1,11 @@
 """sqlflag: leader election (a leadership flag) on the SQL database you already have."""
 
+from . import alembic
 from ._async import AsyncFlag
 from ._builder import FlagBuilder, new_flag
 from ._errors import ConfigurationError, SchemaError, SqlflagError
 from ._inspect import FlagState, inspect, inspect_async
+from ._migrate import migrations_path
 from ._schema import metadata, table
 from ._sync import Flag
 
@@ -15,9 +17,11 @@ __all__ = [
     "FlagState",
     "SchemaError",
     "SqlflagError",
+    "alembic",
     "inspect",
     "inspect_async",
     "metadata",
+    "migrations_path",
     "new_flag",
     "table",
 ]

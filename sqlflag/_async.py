@@ -19,6 +19,7 @@ from ._core import FlagCore, Report, Step, Transition
 from ._dialects import Dialect
 from ._listen import AsyncListener
 from ._queue import Deadlines, DueQueue
+from ._schema import schema_options
 from ._shell import FlagBase
 
 AsyncCallback = Callable[["AsyncFlag"], Any]
@@ -29,24 +30,34 @@ class AsyncScheduler:
     (with one statement timeout) in one event loop; a second task runs the callbacks."""
 
     _all: ClassVar[weakref.WeakKeyDictionary[
-        asyncio.AbstractEventLoop, dict[tuple[int, float], AsyncScheduler]
+        asyncio.AbstractEventLoop, dict[tuple[int, float, str | None], AsyncScheduler]
     ]] = weakref.WeakKeyDictionary()
 
     @classmethod
-    def get(cls, engine: AsyncEngine, dialect: Dialect, timeout: float) -> AsyncScheduler:
+    def get(
+        cls, engine: AsyncEngine, dialect: Dialect, timeout: float, schema: str | None = None
+    ) -> AsyncScheduler:
         loop = asyncio.get_running_loop()
         per_loop = cls._all.setdefault(loop, {})
-        key = (id(engine), timeout)
+        key = (id(engine), timeout, schema)
         found = per_loop.get(key)
         if found is None or found._stopping:
-            found = per_loop[key] = cls(engine, dialect, timeout, key)
+            found = per_loop[key] = cls(engine, dialect, timeout, key, schema)
         found._users += 1
         return found
 
-    def __init__(self, engine: AsyncEngine, dialect: Dialect, timeout: float, key: Any) -> None:
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        dialect: Dialect,
+        timeout: float,
+        key: Any,
+        schema: str | None = None,
+    ) -> None:
         self.engine = engine
         self.dialect = dialect
         self.timeout = timeout
+        self.schema = schema  #: where the table is (None: the connection's default)
         self._key = key
         self._queue: DueQueue[AsyncFlag] = DueQueue()
         self._deadlines: Deadlines[AsyncFlag] = Deadlines()
@@ -255,7 +266,9 @@ class AsyncScheduler:
         if self._conn is None:
             conn = await self.engine.connect()
             try:
-                conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
+                conn = await conn.execution_options(
+                    isolation_level="AUTOCOMMIT", **schema_options(self.schema)
+                )
                 # Inside run_sync, an adapter method that awaits the driver (aiosqlite's
                 # create_function) can run; the hook itself stays synchronous.
                 await conn.run_sync(

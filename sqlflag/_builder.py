@@ -17,7 +17,7 @@ from ._core import FlagCore, Settings
 from ._dialects import Dialect, for_dialect
 from ._errors import ConfigurationError, SchemaError
 from ._metrics import FlagMetrics, NoMetrics, PrometheusMetrics
-from ._schema import REQUIRED_COLUMNS, TABLE_NAME, metadata
+from ._schema import REQUIRED_COLUMNS, TABLE_NAME, exact_collation, metadata, schema_options
 from ._sync import Flag, Scheduler
 
 if TYPE_CHECKING:
@@ -28,6 +28,13 @@ if TYPE_CHECKING:
 Duration = int | float | timedelta
 MAX_NAME = 255
 MIGRATE_HINT = "run `alembic upgrade head` (or `sqlflag migrate --url URL`)"
+
+
+def _hint(schema: str | None) -> str:
+    """What to run to create or upgrade the table (in ``schema``)."""
+    if schema is None:
+        return MIGRATE_HINT
+    return f"run `alembic upgrade head` (or `sqlflag migrate --url URL --schema {schema}`)"
 
 
 def new_flag() -> FlagBuilder:
@@ -83,6 +90,7 @@ class FlagBuilder:
         self._on_lowered: list[Any] = []
         self._create_table = False
         self._listen = False
+        self._schema: Any = None
 
     def handle(self, value: sa.Engine | AsyncEngine) -> Self:
         """The SQLAlchemy Engine (or AsyncEngine, for :meth:`build_async`). Mandatory."""
@@ -156,6 +164,12 @@ class FlagBuilder:
         self._listen = value
         return self
 
+    def schema(self, value: str | None) -> Self:
+        """The schema holding the table (a PostgreSQL schema; a MySQL/MariaDB database);
+        default None: the connection's default schema. Not supported on SQLite."""
+        self._schema = value
+        return self
+
     # -- building ---------------------------------------------------------------------------
 
     def _settings(self) -> Settings:
@@ -193,10 +207,16 @@ class FlagBuilder:
             )
         if not isinstance(self._subsystem, str):
             raise ConfigurationError(f"metrics_subsystem must be a string; got {self._subsystem!r}")
+        if self._schema is not None and (not isinstance(self._schema, str) or not self._schema):
+            raise ConfigurationError(f"schema must be a non-empty string; got {self._schema!r}")
         return Settings(name, process, interval, timeout, float(jitter))
 
     def _dialect(self, url: sa.URL, dialect: sa.Dialect) -> Dialect:
         ops = for_dialect(dialect)
+        if ops.name == "sqlite" and self._schema is not None:
+            raise ConfigurationError(
+                "schema is not supported on SQLite: use another database file instead"
+            )
         if ops.name == "sqlite" and url.database in (None, "", ":memory:"):
             raise ConfigurationError(
                 "handle is an in-memory SQLite database, private to one connection; "
@@ -226,15 +246,17 @@ class FlagBuilder:
                 f"handle must be a sqlalchemy Engine or AsyncEngine; got {type(engine).__name__}"
             )
         ops = self._dialect(engine.url, engine.dialect)
+        schema: str | None = self._schema
         with engine.connect() as conn:
-            prepare(conn, ops, settings.name, self._create_table)
+            conn.execution_options(**schema_options(schema))
+            prepare(conn, ops, settings.name, self._create_table, schema)
             row = conn.execute(ops.read_row, {"p_name": settings.name}).first()
         core = self._core(settings, ops)
         if row is not None:
             core.observe_row(row.holder, row.token, row.left)
         flag = Flag(
             core,
-            Scheduler.get(engine, ops, settings.timeout),
+            Scheduler.get(engine, ops, settings.timeout, schema),
             self._precheck,
             list(self._on_raised),
             list(self._on_lowered),
@@ -260,15 +282,17 @@ class FlagBuilder:
         from ._async import AsyncFlag, AsyncScheduler
 
         ops = self._dialect(engine.url, engine.dialect)
+        schema: str | None = self._schema
         async with engine.connect() as conn:
-            await conn.run_sync(prepare, ops, settings.name, self._create_table)
+            await conn.execution_options(**schema_options(schema))
+            await conn.run_sync(prepare, ops, settings.name, self._create_table, schema)
             row = (await conn.execute(ops.read_row, {"p_name": settings.name})).first()
         core = self._core(settings, ops)
         if row is not None:
             core.observe_row(row.holder, row.token, row.left)
         flag = AsyncFlag(
             core,
-            AsyncScheduler.get(engine, ops, settings.timeout),
+            AsyncScheduler.get(engine, ops, settings.timeout, schema),
             self._precheck,
             list(self._on_raised),
             list(self._on_lowered),
@@ -279,52 +303,83 @@ class FlagBuilder:
         return flag
 
 
-#: Engines whose table build() has found complete: later builds skip the inspection (two
-#: catalog queries), which made building thousands of flags slow.
-_schema_ok: weakref.WeakSet[sa.Engine] = weakref.WeakSet()
+#: Engines (and schemas on them) whose table build() has found complete: later builds skip
+#: the inspection (two catalog queries), which made building thousands of flags slow.
+_schema_ok: weakref.WeakKeyDictionary[sa.Engine, set[str | None]] = weakref.WeakKeyDictionary()
 
 
-def prepare(conn: sa.Connection, ops: Dialect, name: str, create: bool) -> None:
-    """Check (or create) the table and make sure the flag's row exists. Commits."""
-    engine = conn.engine
-    if engine not in _schema_ok:
-        check_schema(conn, create)
-        _schema_ok.add(engine)
+def prepare(
+    conn: sa.Connection, ops: Dialect, name: str, create: bool, schema: str | None = None
+) -> None:
+    """Check (or create) the table in ``schema`` and make sure the flag's row exists
+    (``conn`` translates sqlflag's table to ``schema`` already). Commits."""
+    checked = _schema_ok.setdefault(conn.engine, set())
+    if schema not in checked:
+        check_schema(conn, create, schema)
+        checked.add(schema)
     try:
         conn.execute(ops.ensure_row, {"p_name": name})
     except sa.exc.DBAPIError:
         conn.rollback()
-        _schema_ok.discard(engine)  # dropped or altered since: say what is wrong, if it is
-        check_schema(conn, create)
-        _schema_ok.add(engine)
+        checked.discard(schema)  # dropped or altered since: say what is wrong, if it is
+        check_schema(conn, create, schema)
+        checked.add(schema)
         conn.execute(ops.ensure_row, {"p_name": name})
     conn.commit()
 
 
-def check_schema(conn: sa.Connection, create: bool) -> None:
-    """The table exists (created here if ``create``) with every column sqlflag needs."""
-    if not sa.inspect(conn).has_table(TABLE_NAME):
+def check_schema(conn: sa.Connection, create: bool, schema: str | None = None) -> None:
+    """The table exists in ``schema`` (created here if ``create``) with every column sqlflag
+    needs; a warning if its names do not compare exactly (a table of sqlflag 0.1)."""
+    if not sa.inspect(conn).has_table(TABLE_NAME, schema=schema):
         if not create:
             raise SchemaError(
-                f"table {TABLE_NAME!r} does not exist in {_where(conn)}: {MIGRATE_HINT}, "
-                "or build with create_table(True) in development"
+                f"table {TABLE_NAME!r} does not exist in {_where(conn, schema)}: "
+                f"{_hint(schema)}, or build with create_table(True) in development"
             )
         try:
+            # ``conn`` translates the table's schema (None) to ``schema``.
             metadata.create_all(conn, checkfirst=True)
             conn.commit()
         except sa.exc.DBAPIError:
             conn.rollback()  # another process created it at the same moment
-            if not sa.inspect(conn).has_table(TABLE_NAME):
+            if not sa.inspect(conn).has_table(TABLE_NAME, schema=schema):
                 raise
-    columns = {c["name"] for c in sa.inspect(conn).get_columns(TABLE_NAME)}
+    columns = {c["name"] for c in sa.inspect(conn).get_columns(TABLE_NAME, schema=schema)}
     missing = sorted(REQUIRED_COLUMNS - columns)
     if missing:
         raise SchemaError(
-            f"table {TABLE_NAME!r} in {_where(conn)} lacks column(s) {', '.join(missing)}: "
-            f"{MIGRATE_HINT}"
+            f"table {TABLE_NAME!r} in {_where(conn, schema)} lacks column(s) "
+            f"{', '.join(missing)}: {_hint(schema)}"
         )
+    if conn.dialect.name in ("mysql", "mariadb"):
+        _warn_inexact_names(conn, schema)
     conn.commit()  # end the inspection's transaction
 
 
-def _where(conn: sa.Connection) -> str:
-    return conn.engine.url.render_as_string(hide_password=True)
+def _warn_inexact_names(conn: sa.Connection, schema: str | None) -> None:
+    """MySQL/MariaDB: warn when ``name`` still has a collation that takes ``Billing`` and
+    ``billing`` (or ``report`` and ``report ``) for one flag. Alembic's autogenerate cannot
+    see it (it ignores a collation the server does not print)."""
+    found = conn.execute(
+        sa.text(
+            "SELECT collation_name FROM information_schema.columns WHERE table_schema = "
+            "COALESCE(:schema, DATABASE()) AND table_name = :table AND column_name = 'name'"
+        ),
+        {"schema": schema, "table": TABLE_NAME},
+    ).scalar()
+    if found is not None and found != exact_collation(conn.dialect):
+        logging.getLogger("sqlflag").warning(
+            "sqlflag: the name column of %s in %s has the collation %s, which does not tell "
+            "names apart by case or trailing spaces: %s (sqlflag.alembic.exact_names in a "
+            "revision of yours, if your own Alembic lineage created the table)",
+            TABLE_NAME,
+            _where(conn, schema),
+            found,
+            _hint(schema),
+        )
+
+
+def _where(conn: sa.Connection, schema: str | None = None) -> str:
+    where = conn.engine.url.render_as_string(hide_password=True)
+    return where if schema is None else f"schema {schema!r} of {where}"

@@ -137,6 +137,16 @@ def _fail(exc: BaseException, url: sa.URL | None, stderr: TextIO) -> int:
     return EXIT_ERROR
 
 
+def add_schema_argument(parser: argparse.ArgumentParser) -> None:
+    """``--schema S``: where sqlflag's table is (a PostgreSQL schema, a MySQL database)."""
+    parser.add_argument(
+        "--schema",
+        metavar="S",
+        help="the schema holding sqlflag's table (PostgreSQL schema, MySQL/MariaDB database; "
+        "not on SQLite); default: the connection's default schema",
+    )
+
+
 # --------------------------------------------------------------------------- migrate
 
 
@@ -163,6 +173,7 @@ def _add_migrate(subparsers: SubParsers, parents: Sequence[argparse.ArgumentPars
         metavar="REV",
         help="target revision (default: %(default)s)",
     )
+    add_schema_argument(parser)
     parser.set_defaults(handler=_cmd_migrate)
 
 
@@ -180,14 +191,15 @@ def _cmd_migrate(args: argparse.Namespace) -> int:
         alembic_logger.addHandler(handler)
         alembic_logger.setLevel(logging.INFO)
         try:
-            _migrate.upgrade(url, args.revision)
+            _migrate.upgrade(url, args.revision, args.schema)
         finally:
             alembic_logger.removeHandler(handler)
             alembic_logger.setLevel(old_level)
-        heads = _migrate.current(url)
+        heads = _migrate.current(url, args.schema)
     except Exception as exc:
         return _fail(exc, url, sys.stderr)
-    print(f"{PROG}: {safe_url(url)} is at revision {', '.join(heads) or 'base'}")
+    where = safe_url(url) if args.schema is None else f"schema {args.schema!r} of {safe_url(url)}"
+    print(f"{PROG}: {where} is at revision {', '.join(heads) or 'base'}")
     return EXIT_OK
 
 

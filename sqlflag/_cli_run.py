@@ -33,7 +33,7 @@ from typing import Any
 import sqlalchemy as sa
 
 import sqlflag
-from sqlflag._cli import PROG, SubParsers, describe_error, positive_seconds
+from sqlflag._cli import PROG, SubParsers, add_schema_argument, describe_error, positive_seconds
 from sqlflag._cli_status import open_engine, require_table
 
 __all__ = [
@@ -436,6 +436,7 @@ def add_parser(subparsers: SubParsers, parents: Sequence[argparse.ArgumentParser
         "command", nargs=argparse.REMAINDER, metavar="COMMAND", help="the command and its "
         "arguments, after --"
     )
+    add_schema_argument(parser)
     parser.set_defaults(handler=cmd_run, run_parser=parser)
 
 
@@ -491,10 +492,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         try:
             url, engine = open_engine(args.url)
             with engine.connect() as conn:
-                require_table(conn, url)
+                require_table(conn, url, args.schema)
             flag = (
                 sqlflag.new_flag()
                 .handle(engine)
+                .schema(args.schema)
                 .name(args.name)
                 .process(process)
                 .interval(args.interval)

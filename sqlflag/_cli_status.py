@@ -25,6 +25,7 @@ from sqlflag._cli import (
     PROG,
     CliError,
     SubParsers,
+    add_schema_argument,
     describe_error,
     parse_url,
     positive_seconds,
@@ -32,7 +33,7 @@ from sqlflag._cli import (
     safe_url,
 )
 from sqlflag._inspect import FlagState, inspect
-from sqlflag._schema import TABLE_NAME, table
+from sqlflag._schema import TABLE_NAME, schema_options, table
 
 __all__ = ["add_parser", "format_seconds", "open_engine", "require_table", "state_rows"]
 
@@ -79,17 +80,24 @@ def open_engine(cli_url: str | None, **options: Any) -> tuple[sa.URL, sa.Engine]
     return url, sa.create_engine(url, **options)
 
 
-def missing_table_message(url: sa.URL) -> str:
+def missing_table_message(url: sa.URL, schema: str | None = None) -> str:
+    if schema is None:
+        return (
+            f"table {TABLE_NAME!r} does not exist in {safe_url(url)}: run `{PROG} migrate` "
+            "first (with the same --url)"
+        )
     return (
-        f"table {TABLE_NAME!r} does not exist in {safe_url(url)}: run `{PROG} migrate` first "
-        "(with the same --url)"
+        f"table {TABLE_NAME!r} does not exist in schema {schema!r} of {safe_url(url)}: run "
+        f"`{PROG} migrate --schema {schema}` first (with the same --url)"
     )
 
 
-def require_table(conn: sa.Connection, url: sa.URL) -> None:
+def require_table(conn: sa.Connection, url: sa.URL, schema: str | None = None) -> None:
     """:class:`CliError` telling to run ``sqlflag migrate`` when the table is missing."""
-    if not sa.inspect(conn).has_table(TABLE_NAME):
-        raise CliError(missing_table_message(url))
+    if schema is not None and conn.dialect.name == "sqlite":
+        raise CliError("--schema is not supported on SQLite")
+    if not sa.inspect(conn).has_table(TABLE_NAME, schema=schema):
+        raise CliError(missing_table_message(url, schema))
 
 
 def format_seconds(seconds: float) -> str:
@@ -108,21 +116,21 @@ def format_seconds(seconds: float) -> str:
 # --------------------------------------------------------------------------- reading
 
 
-def _released_names(conn: sa.Connection, name: str | None) -> set[str]:
+def _released_names(conn: sa.Connection, name: str | None, schema: str | None) -> set[str]:
     """Flags whose last tenure ended by a release (close() sets both times to one instant)."""
     stmt = sa.select(table.c.name).where(table.c.renewed_at == table.c.expires_at)
     if name is not None:
         stmt = stmt.where(table.c.name == name)
-    return {row[0] for row in conn.execute(stmt)}
+    return {row[0] for row in conn.execute(stmt.execution_options(**schema_options(schema)))}
 
 
-def read_states(engine: sa.Engine, url: sa.URL, name: str | None) -> tuple[
-    list[FlagState], set[str]
-]:
+def read_states(
+    engine: sa.Engine, url: sa.URL, name: str | None, schema: str | None = None
+) -> tuple[list[FlagState], set[str]]:
     with engine.connect() as conn:
-        require_table(conn, url)
-        states = inspect(conn, name)
-        released = _released_names(conn, name)
+        require_table(conn, url, schema)
+        states = inspect(conn, name, schema)
+        released = _released_names(conn, name, schema)
     return states, released
 
 
@@ -210,13 +218,14 @@ def add_parser(subparsers: SubParsers, parents: Sequence[argparse.ArgumentParser
         help="print a JSON list of objects with the fields of sqlflag.FlagState "
         "(name, holder, token, expires_in, raised)",
     )
+    add_schema_argument(parser)
     parser.set_defaults(handler=cmd_status)
 
 
 def _print_once(
     engine: sa.Engine, url: sa.URL, args: argparse.Namespace, out: TextIO
 ) -> None:
-    states, released = read_states(engine, url, args.name)
+    states, released = read_states(engine, url, args.name, args.schema)
     if args.json:
         print(json.dumps(as_json(states)), file=out)
     elif states:
@@ -265,7 +274,7 @@ def _watch(engine: sa.Engine, url: sa.URL, args: argparse.Namespace, out: TextIO
                     print(f"{PROG}: error: {describe_error(exc, url)}", file=sys.stderr)
             else:
                 try:
-                    states, released = read_states(engine, url, args.name)
+                    states, released = read_states(engine, url, args.name, args.schema)
                     body = render_table(states, released) if states else "no flags yet"
                 except Exception as exc:
                     if first:

@@ -10,6 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from ._dialects import for_dialect
 from ._errors import ConfigurationError
+from ._schema import schema_options
 
 
 @dataclass(frozen=True)
@@ -42,12 +43,28 @@ def _states(rows: Any) -> list[FlagState]:
     return out
 
 
-def inspect(engine: sa.Engine | sa.Connection, name: str | None = None) -> list[FlagState]:
-    """The state of every flag (or of ``name``), without taking part in the election."""
+def _options(dialect: sa.Dialect, schema: str | None) -> dict[str, Any]:
+    if schema is not None and dialect.name == "sqlite":
+        raise ConfigurationError("schema is not supported on SQLite")
+    return schema_options(schema)
+
+
+def inspect(
+    engine: sa.Engine | sa.Connection, name: str | None = None, schema: str | None = None
+) -> list[FlagState]:
+    """The state of every flag (or of ``name``), without taking part in the election.
+
+    Args:
+        engine: a sync Engine, or a Connection (used as it is, in its transaction).
+        name: only this flag; None for all of them.
+        schema: the schema (MySQL/MariaDB: database) holding the table, as given to the
+            builder's ``schema()``; None for the default.
+    """
     if isinstance(engine, AsyncEngine):
         raise ConfigurationError("inspect() needs a sync Engine; use `await inspect_async(...)`")
     ops = for_dialect(engine.dialect)
-    stmt = ops.inspect_all if name is None else ops.read_row
+    options = _options(engine.dialect, schema)
+    stmt = (ops.inspect_all if name is None else ops.read_row).execution_options(**options)
     params = {} if name is None else {"p_name": name}
     if isinstance(engine, sa.Connection):
         return _states(engine.execute(stmt, params).all())
@@ -55,10 +72,13 @@ def inspect(engine: sa.Engine | sa.Connection, name: str | None = None) -> list[
         return _states(conn.execute(stmt, params).all())
 
 
-async def inspect_async(engine: AsyncEngine, name: str | None = None) -> list[FlagState]:
-    """:func:`inspect` for an AsyncEngine."""
+async def inspect_async(
+    engine: AsyncEngine, name: str | None = None, schema: str | None = None
+) -> list[FlagState]:
+    """:func:`inspect` for an AsyncEngine (same arguments)."""
     ops = for_dialect(engine.dialect)
-    stmt = ops.inspect_all if name is None else ops.read_row
+    options = _options(engine.dialect, schema)
+    stmt = (ops.inspect_all if name is None else ops.read_row).execution_options(**options)
     params = {} if name is None else {"p_name": name}
     async with engine.connect() as conn:
         return _states((await conn.execute(stmt, params)).all())

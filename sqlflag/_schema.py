@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 
@@ -11,15 +13,48 @@ TABLE_NAME = "leadership_flags"
 #: own text format, filled to the millisecond (SQLite's clock stops there).
 Timestamp = sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 
+#: MySQL/MariaDB collations that compare byte for byte, trailing spaces included (NO PAD).
+#: ``utf8mb4_bin`` is not one: it is PAD SPACE, ``'report' = 'report '`` there.
+MARIADB_EXACT = "utf8mb4_nopad_bin"  # MariaDB 10.2 and later
+MYSQL_EXACT = "utf8mb4_0900_bin"  # MySQL 8.0.17 and later
+#: Older servers have no NO PAD binary collation: case is still exact, trailing spaces not.
+LEGACY_EXACT = "utf8mb4_bin"
+
+
+def exact_collation(dialect: sa.Dialect) -> str:
+    """The NO PAD binary collation of this MySQL or MariaDB server (by its version when
+    connected; a dialect that never connected is taken to be a current server)."""
+    version = getattr(dialect, "server_version_info", None) or ()
+    if getattr(dialect, "is_mariadb", False):
+        return MARIADB_EXACT if not version or version >= (10, 2) else LEGACY_EXACT
+    return MYSQL_EXACT if not version or version >= (8, 0, 17) else LEGACY_EXACT
+
+
+class ExactName(sa.types.TypeDecorator[str]):
+    """``VARCHAR(255)`` that compares exactly on every database: ``Billing`` is not
+    ``billing`` and ``report`` is not ``report ``. PostgreSQL and SQLite compare that way by
+    default; MySQL and MariaDB get a NO PAD binary collation (see :func:`exact_collation`)."""
+
+    impl = sa.String(255)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: sa.Dialect) -> sa.types.TypeEngine[Any]:
+        if dialect.name in ("mysql", "mariadb"):
+            return dialect.type_descriptor(
+                mysql.VARCHAR(255, collation=exact_collation(dialect))
+            )
+        return dialect.type_descriptor(sa.String(255))
+
+
 metadata = sa.MetaData()
 
 table = sa.Table(
     TABLE_NAME,
     metadata,
-    sa.Column("name", sa.String(255), primary_key=True, comment="Flag name."),
+    sa.Column("name", ExactName(), primary_key=True, comment="Flag name."),
     sa.Column(
         "holder",
-        sa.String(255),
+        ExactName(),
         nullable=True,
         comment="Process holding (or last holding) the lease.",
     ),
@@ -31,6 +66,14 @@ table = sa.Table(
     sa.Column("expires_at", Timestamp, nullable=False, comment="Database time the lease ends."),
     comment="sqlflag leadership leases, one row per flag name.",
 )
+
+
+def schema_options(schema: str | None) -> dict[str, Any]:
+    """Execution options that run sqlflag's statements on its table in ``schema``: the one
+    ``Table`` (schema None) is translated when a statement runs, so each statement is still
+    compiled once and cached, and the schema name is filled in at execution."""
+    return {} if schema is None else {"schema_translate_map": {None: schema}}
+
 
 #: Columns build() insists on finding (SchemaError otherwise).
 REQUIRED_COLUMNS = frozenset(c.name for c in table.columns)

@@ -23,6 +23,7 @@ from ._core import FlagCore, Report, Step, Transition
 from ._dialects import Dialect
 from ._listen import Listener
 from ._queue import Deadlines, DueQueue
+from ._schema import schema_options
 from ._shell import FlagBase
 
 Callback = Callable[["Flag"], Any]
@@ -99,23 +100,33 @@ class Scheduler:
     """
 
     _lock = threading.Lock()
-    _all: ClassVar[dict[tuple[int, float], Scheduler]] = {}
+    _all: ClassVar[dict[tuple[int, float, str | None], Scheduler]] = {}
 
     @classmethod
-    def get(cls, engine: sa.Engine, dialect: Dialect, timeout: float) -> Scheduler:
+    def get(
+        cls, engine: sa.Engine, dialect: Dialect, timeout: float, schema: str | None = None
+    ) -> Scheduler:
         with cls._lock:
-            key = (id(engine), timeout)
+            key = (id(engine), timeout, schema)
             found = cls._all.get(key)
             if found is None or found._stopping:
-                found = cls._all[key] = cls(engine, dialect, timeout, key)
+                found = cls._all[key] = cls(engine, dialect, timeout, key, schema)
             found._users += 1
             return found
 
-    def __init__(self, engine: sa.Engine, dialect: Dialect, timeout: float, key: Any) -> None:
+    def __init__(
+        self,
+        engine: sa.Engine,
+        dialect: Dialect,
+        timeout: float,
+        key: Any,
+        schema: str | None = None,
+    ) -> None:
         _bound_connects(engine, dialect)
         self.engine = engine
         self.dialect = dialect
         self.timeout = timeout
+        self.schema = schema  #: where the table is (None: the connection's default)
         self._key = key
         self._cv = threading.Condition()
         self._queue: DueQueue[Flag] = DueQueue()
@@ -298,7 +309,9 @@ class Scheduler:
             finally:
                 _connecting.timeout = None
             try:
-                conn = conn.execution_options(isolation_level="AUTOCOMMIT")
+                conn = conn.execution_options(
+                    isolation_level="AUTOCOMMIT", **schema_options(self.schema)
+                )
                 self.dialect.configure_dbapi(conn.connection.dbapi_connection, self.timeout)
                 info = str(getattr(conn.dialect, "server_version_info", "")) + (
                     " mariadb" if getattr(conn.dialect, "is_mariadb", False) else ""

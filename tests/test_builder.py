@@ -162,6 +162,7 @@ def test_every_builder_method_returns_the_builder(offline_engine):
         "on_raised": print,
         "on_lowered": print,
         "create_table": True,
+        "schema": None,
     }
     public = sorted(
         m for m in dir(builder) if not m.startswith("_") and m not in ("build", "build_async")

@@ -11,6 +11,7 @@ session and dropped at its end (SQLite: a file in each test's tmp_path).
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import fcntl
 import importlib.util
 import os
@@ -58,6 +59,9 @@ ASYNC_DRIVERS = {
     "mariadb": "mysql+aiomysql",
 }
 TABLE = sqlflag.table.name
+#: sqlflag's packaged revisions: the table as 0.1 created it, then names compared exactly.
+FIRST = "d874e3c35f94"
+EXACT_NAMES = "42da5d2d2958"
 VERSION_TABLE = _migrate.VERSION_TABLE
 SUBPROCESS_TIMEOUT = 180
 
@@ -254,6 +258,102 @@ def test_downgrade_base_removes_table(url: str) -> None:
     _assert_migrated(url)
 
 
+def _rows(url: str) -> list[tuple[Any, ...]]:
+    with _connect(url) as connection:
+        table = sqlflag.table
+        stmt = sa.select(table.c.name, table.c.holder, table.c.token).order_by(table.c.token)
+        return [tuple(row) for row in connection.execute(stmt)]
+
+
+def _insert(url: str, *rows: tuple[str, str | None, int]) -> None:
+    with _connect(url) as connection:
+        connection.execute(
+            sqlflag.table.insert(),
+            [
+                {"name": n, "holder": h, "token": t, "expires_at": dt.datetime(2030, 1, 1)}
+                for n, h, t in rows
+            ],
+        )
+        connection.commit()
+
+
+def _mysql_columns(url: str) -> dict[str, tuple[str, str]]:
+    """MariaDB: collation and comment of the name and holder columns."""
+    with _connect(url) as connection:
+        rows = connection.execute(
+            sa.text(
+                "SELECT column_name, collation_name, column_comment FROM "
+                "information_schema.columns WHERE table_schema = DATABASE() AND table_name = "
+                ":t AND column_name IN ('name', 'holder')"
+            ),
+            {"t": TABLE},
+        )
+        return {row[0]: (row[1], row[2]) for row in rows}
+
+
+ORIGINAL_ROWS = [("Billing", "pod-a", 5), ("report", None, 7)]
+TWINS = [("billing", "pod-b", 1), ("report ", "pod-c", 2)]
+
+
+@pytest.mark.parametrize(
+    "kind", [p for p in KIND_PARAMS if p.id == "mariadb"], indirect=True
+)
+def test_exact_names_revision_on_a_table_with_rows(url: str) -> None:
+    """The exact-names revision upgrades a 0.1 table holding rows (kept, comments too) so that
+    names differing by case or a trailing space become two flags; its downgrade restores the
+    default collation, and refuses while two such names exist."""
+    _migrate.upgrade(url, FIRST)
+    _insert(url, *ORIGINAL_ROWS)
+    assert {c[0] for c in _mysql_columns(url).values()} == {"utf8mb4_general_ci"}
+    with pytest.raises(sa.exc.IntegrityError):  # what 0.1 did: one flag for both
+        _insert(url, TWINS[0])
+
+    _migrate.upgrade(url)
+    assert _migrate.current(url) == (EXACT_NAMES,)
+    assert _rows(url) == ORIGINAL_ROWS
+    assert _mysql_columns(url) == {
+        "name": ("utf8mb4_nopad_bin", "Flag name."),
+        "holder": ("utf8mb4_nopad_bin", "Process holding (or last holding) the lease."),
+    }
+    assert _schema_diff(url, sqlflag.metadata) == []
+    _insert(url, *TWINS)
+    assert sorted(_rows(url)) == sorted(ORIGINAL_ROWS + TWINS)
+
+    # Two names the old collation takes for one: the downgrade fails and changes nothing.
+    with pytest.raises(sa.exc.IntegrityError):
+        _migrate.downgrade(url, "-1")
+    assert _migrate.current(url) == (EXACT_NAMES,)
+    assert _mysql_columns(url)["name"][0] == "utf8mb4_nopad_bin"
+    with _connect(url) as connection:
+        names = [n for n, _, _ in TWINS]
+        connection.execute(sqlflag.table.delete().where(sqlflag.table.c.name.in_(names)))
+        connection.commit()
+
+    _migrate.downgrade(url, "-1")
+    assert _migrate.current(url) == (FIRST,)
+    assert _rows(url) == ORIGINAL_ROWS
+    assert _mysql_columns(url) == {
+        "name": ("utf8mb4_general_ci", "Flag name."),
+        "holder": ("utf8mb4_general_ci", "Process holding (or last holding) the lease."),
+    }
+    _migrate.upgrade(url)
+    _assert_migrated(url)
+    assert _rows(url) == ORIGINAL_ROWS
+
+
+def test_exact_names_revision_elsewhere_keeps_rows(url: str) -> None:
+    """On every database the revision pair keeps the rows and leads to the head schema."""
+    _migrate.upgrade(url, FIRST)
+    _insert(url, *ORIGINAL_ROWS)
+    _migrate.upgrade(url)
+    _assert_migrated(url)
+    assert _rows(url) == ORIGINAL_ROWS
+    _migrate.downgrade(url, FIRST)
+    assert _rows(url) == ORIGINAL_ROWS
+    _migrate.upgrade(url)
+    _assert_migrated(url)
+
+
 def test_async_driver_urls(kind: str, url: str) -> None:
     async_url = sa.make_url(url).set(drivername=ASYNC_DRIVERS[kind])
     _migrate.upgrade(async_url)
@@ -267,12 +367,15 @@ def test_migrations_path() -> None:
     package = Path(sqlflag.__file__).resolve().parent
     expected = ROOT / "migrations" if FROM_CHECKOUT else package / "_migrations"
     assert _migrate.migrations_path() == expected
+    assert sqlflag.migrations_path() == expected  # the public name
     config = _migrate.alembic_config("sqlite:///x.db")
-    assert ScriptDirectory.from_config(config).get_current_head() == _head()
-    script = ScriptDirectory.from_config(config).get_revision(_head())
-    assert script is not None
-    assert script.branch_labels == {"sqlflag"}
-    assert script.down_revision is None
+    scripts = ScriptDirectory.from_config(config)
+    assert scripts.get_current_head() == _head()
+    # One linear branch, labelled "sqlflag" at its base: FIRST, then EXACT_NAMES (head).
+    assert [s.revision for s in scripts.walk_revisions()] == [EXACT_NAMES, FIRST]
+    base = scripts.get_revision(FIRST)
+    assert base is not None and base.down_revision is None
+    assert base.branch_labels == {"sqlflag"}
 
 
 def test_alembic_config_keeps_percent_signs_in_urls() -> None:
@@ -303,6 +406,40 @@ def test_alembic_cli_from_checkout(url: str) -> None:
 
     _ok(_run([ALEMBIC, "-x", f"url={url}", "downgrade", "base"], cwd=ROOT, env=_env()))
     assert TABLE not in _tables(url)
+
+
+@pytest.mark.parametrize("kind", [p for p in KIND_PARAMS if p.id != "sqlite"], indirect=True)
+def test_alembic_cli_schema(kind: str, url: str) -> None:
+    """``-x schema=S`` (what ``sqlflag migrate --schema`` sets programmatically): the table
+    and its version table in S, the default schema untouched; ``downgrade base`` there."""
+    schema = f"sqlflag_x_{uuid.uuid4().hex[:8]}"
+    q = '"' if kind == "postgresql" else "`"
+    create, drop = (
+        ("CREATE SCHEMA", "DROP SCHEMA IF EXISTS {} CASCADE")
+        if kind == "postgresql"
+        else ("CREATE DATABASE", "DROP DATABASE IF EXISTS {}")
+    )
+    admin = sa.create_engine(url, isolation_level="AUTOCOMMIT", poolclass=NullPool)
+    with admin.connect() as connection:
+        connection.exec_driver_sql(f"{create} {q}{schema}{q}")
+    try:
+        x = ["-x", f"url={url}", "-x", f"schema={schema}"]
+        _ok(_run([ALEMBIC, *x, "upgrade", "head"], cwd=ROOT, env=_env()))
+        with _connect(url) as connection:
+            assert set(sa.inspect(connection).get_table_names(schema=schema)) == {
+                TABLE,
+                VERSION_TABLE,
+            }
+        assert TABLE not in _tables(url)
+        assert _migrate.current(url, schema) == (_head(),)
+        assert _migrate.current(url) == ()
+        _ok(_run([ALEMBIC, *x, "downgrade", "base"], cwd=ROOT, env=_env()))
+        with _connect(url) as connection:
+            assert set(sa.inspect(connection).get_table_names(schema=schema)) == {VERSION_TABLE}
+    finally:
+        with admin.connect() as connection:
+            connection.exec_driver_sql(drop.format(f"{q}{schema}{q}"))
+        admin.dispose()
 
 
 def test_alembic_cli_offline_sql(url: str) -> None:
@@ -554,6 +691,50 @@ def test_wheel_sqlflag_migrate_error(installed: Installed, tmp_path: Path) -> No
     _assert_one_line_error(result, expected)
 
 
+@pytest.mark.timeout(900)
+def test_editable_install_finds_migrations(tmp_path: Path) -> None:
+    """``pip install -e`` of a checkout: ``sqlflag.migrations_path()`` is the checkout's
+    ``migrations/`` (there is no ``sqlflag/_migrations`` then), and ``sqlflag migrate`` works."""
+    src = tmp_path / "src"
+    src.mkdir()
+    ignore = shutil.ignore_patterns("__pycache__", "*.pyc", "*.db", ".mypy_cache", ".ruff_cache")
+    for name in ("pyproject.toml", "README.md", "sqlflag", "migrations"):
+        path = ROOT / name
+        if path.is_dir():
+            shutil.copytree(path, src / name, ignore=ignore)
+        else:
+            shutil.copy2(path, src / name)
+    venv = tmp_path / "venv"
+    _ok(_run([PYTHON, "-m", "venv", str(venv)], cwd=tmp_path, env=_env()))
+    python = venv / "bin" / "python"
+    _ok(
+        _run(
+            [str(python), "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
+             "-e", str(src)],
+            cwd=tmp_path,
+            env=_env(),
+        )
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    result = _ok(
+        _run(
+            [str(python), "-c",
+             "import sqlflag; print(sqlflag.__file__); print(sqlflag.migrations_path())"],
+            cwd=elsewhere,
+            env=_env(),
+        )
+    )
+    module, path = result.stdout.split()
+    assert Path(module) == src / "sqlflag" / "__init__.py"  # the editable checkout itself
+    assert Path(path) == src / "migrations"
+    db = f"sqlite:///{elsewhere / 'flags.db'}"
+    result = _ok(_run([str(venv / "bin" / "sqlflag"), "migrate", "--url", db], cwd=elsewhere,
+                      env=_env()))
+    assert f"is at revision {_head()}" in result.stdout
+    _assert_migrated(db)
+
+
 # --------------------------------------------------------------------------- host application
 
 HOST_REVISION = "0a0b0c0d0e0f"
@@ -698,6 +879,21 @@ def test_host_application(url: str, tmp_path: Path) -> None:
     result = _ok(_run([ALEMBIC, "-x", f"url={url}", "heads"], cwd=host, env=env))
     assert "(sqlflag)" in result.stdout and "(hostapp)" in result.stdout
 
+    # The documented commands for this layout: a new revision names its branch (and so lands
+    # in the host's directory, never in sqlflag's); one step down names it too.
+    (host / "migrations" / "script.py.mako").write_text(HOST_SCRIPT_TEMPLATE)
+    theirs = sorted(p.name for p in (_migrate.migrations_path() / "versions").iterdir())
+    _ok(_run([ALEMBIC, "revision", "--head", "hostapp@head", "-m", "next"], cwd=host, env=env))
+    (new,) = set((host / "migrations" / "versions").glob("*_next.py"))
+    assert f"down_revision = '{HOST_REVISION}'" in new.read_text()
+    assert sorted(p.name for p in (_migrate.migrations_path() / "versions").iterdir()) == theirs
+    new.unlink()
+    _ok(_run([ALEMBIC, "-x", f"url={url}", "downgrade", "hostapp@-1"], cwd=host, env=env))
+    assert _tables(url) == {TABLE, "alembic_version"}
+    assert _version_rows(url, "alembic_version") == {_head()}
+    _ok(_run([ALEMBIC, "-x", f"url={url}", "upgrade", "heads"], cwd=host, env=env))
+    _assert_host_migrated(url)
+
     _ok(_run([ALEMBIC, "-x", f"url={url}", "downgrade", "base"], cwd=host, env=env))
     assert _tables(url) == {"alembic_version"}
 
@@ -718,3 +914,174 @@ def test_host_application_with_installed_wheel(
         _run([str(installed.alembic), "-x", f"url={url}", "upgrade", "heads"], cwd=host, env=_env())
     )
     _assert_host_migrated(url)
+
+
+# --------------------------------------------------------------------------- host: op helpers
+
+HOST_FLAGS_REVISION = "1a1a1a1a1a1a"
+HOST_ORDERS_REVISION = "2b2b2b2b2b2b"
+
+# The documented way: sqlflag's table is created by a revision of the host's own lineage.
+HOST_HELPER_REVISIONS = {
+    f"{HOST_FLAGS_REVISION}_leadership_flags.py": f'''\
+"""leadership flags
+
+Revision ID: {HOST_FLAGS_REVISION}
+Revises:
+"""
+from alembic import op
+
+import sqlflag.alembic
+
+revision = "{HOST_FLAGS_REVISION}"
+down_revision = None
+branch_labels = None
+depends_on = None
+
+
+def upgrade():
+    sqlflag.alembic.create_table(op)
+
+
+def downgrade():
+    sqlflag.alembic.drop_table(op)
+''',
+    f"{HOST_ORDERS_REVISION}_create_orders.py": f'''\
+"""create orders
+
+Revision ID: {HOST_ORDERS_REVISION}
+Revises: {HOST_FLAGS_REVISION}
+"""
+import sqlalchemy as sa
+from alembic import op
+
+revision = "{HOST_ORDERS_REVISION}"
+down_revision = "{HOST_FLAGS_REVISION}"
+branch_labels = None
+depends_on = None
+
+
+def upgrade():
+    op.create_table(
+        "orders",
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("item", sa.String(100), nullable=False),
+    )
+
+
+def downgrade():
+    op.drop_table("orders")
+''',
+}
+
+# What ``alembic init`` writes, cut down: ``alembic revision`` needs a template.
+HOST_SCRIPT_TEMPLATE = '''\
+"""${message}
+
+Revision ID: ${up_revision}
+Revises: ${down_revision | comma,n}
+"""
+from alembic import op
+import sqlalchemy as sa
+${imports if imports else ""}
+revision = ${repr(up_revision)}
+down_revision = ${repr(down_revision)}
+branch_labels = ${repr(branch_labels)}
+depends_on = ${repr(depends_on)}
+
+
+def upgrade():
+    ${upgrades if upgrades else "pass"}
+
+
+def downgrade():
+    ${downgrades if downgrades else "pass"}
+'''
+
+
+def _write_helper_host(root: Path) -> None:
+    (root / "hostapp").mkdir(parents=True)
+    (root / "hostapp" / "__init__.py").write_text("")
+    (root / "hostapp" / "models.py").write_text(HOST_MODELS)
+    versions = root / "migrations" / "versions"
+    versions.mkdir(parents=True)
+    # Autogenerate compares everything it can: types (collations too), server defaults,
+    # comments, indexes and constraints.
+    (root / "migrations" / "env.py").write_text(
+        HOST_ENV.replace(
+            "target_metadata=target_metadata)",
+            "target_metadata=target_metadata,\n"
+            "            compare_type=True, compare_server_default=True)",
+        )
+    )
+    (root / "migrations" / "script.py.mako").write_text(HOST_SCRIPT_TEMPLATE)
+    for name, text in HOST_HELPER_REVISIONS.items():
+        (versions / name).write_text(text)
+    (root / "alembic.ini").write_text(
+        textwrap.dedent(
+            """\
+            [alembic]
+            script_location = %(here)s/migrations
+            prepend_sys_path = %(here)s
+            path_separator = os
+            """
+        )
+    )
+
+
+def _flag_raises(url: str) -> int:
+    """Build a flag on ``url``, wait until it is raised, close it; its token."""
+    engine = sa.create_engine(url)
+    try:
+        flag = (
+            sqlflag.new_flag().handle(engine).name("host-flag").process("host")
+            .interval(1.0).timeout(0.3).build()
+        )
+        try:
+            assert flag.wait_raised(10)
+            assert flag.token is not None
+            return flag.token
+        finally:
+            flag.close()
+    finally:
+        engine.dispose()
+
+
+def test_host_lineage_with_op_helpers(url: str, tmp_path: Path) -> None:
+    """A host calling ``sqlflag.alembic.create_table(op)`` from its own first revision: one
+    lineage, one head, flags work, ``alembic check`` is clean, ``downgrade -1`` undoes the
+    host's last revision (not sqlflag's table), ``downgrade base`` removes the table."""
+    host = tmp_path / "host"
+    _write_helper_host(host)
+    env = _sqlflag_env()
+    x = ["-x", f"url={url}"]
+
+    result = _ok(_run([ALEMBIC, *x, "heads"], cwd=host, env=env))
+    assert result.stdout.split() == [HOST_ORDERS_REVISION, "(head)"]
+    _ok(_run([ALEMBIC, *x, "upgrade", "head"], cwd=host, env=env))
+    assert _tables(url) == {"orders", TABLE, "alembic_version"}
+    assert _version_rows(url, "alembic_version") == {HOST_ORDERS_REVISION}
+    assert _schema_diff(url, _host_metadata(), version_table="alembic_version") == []
+    assert _flag_raises(url) == 1
+
+    result = _ok(_run([ALEMBIC, *x, "check"], cwd=host, env=env))
+    assert "No new upgrade operations detected" in result.stdout + result.stderr
+
+    # The next `alembic revision` lands in the host's versions directory, after its head.
+    sqlflag_versions = sorted(p.name for p in (_migrate.migrations_path() / "versions").iterdir())
+    _ok(_run([ALEMBIC, *x, "revision", "-m", "next"], cwd=host, env=env))
+    (new,) = set((host / "migrations" / "versions").glob("*_next.py"))
+    assert f"down_revision = '{HOST_ORDERS_REVISION}'" in new.read_text()
+    assert sorted(p.name for p in (_migrate.migrations_path() / "versions").iterdir()) == (
+        sqlflag_versions
+    )
+    new.unlink()
+
+    _ok(_run([ALEMBIC, *x, "downgrade", "-1"], cwd=host, env=env))
+    assert _tables(url) == {TABLE, "alembic_version"}
+    assert _version_rows(url, "alembic_version") == {HOST_FLAGS_REVISION}
+    assert _flag_raises(url) == 2  # the flags table and its rows are still there
+
+    _ok(_run([ALEMBIC, *x, "downgrade", "base"], cwd=host, env=env))
+    assert _tables(url) == {"alembic_version"}
+    assert _version_rows(url, "alembic_version") == set()

@@ -4,18 +4,17 @@ Revision ID: d874e3c35f94
 Revises:
 Create Date: 2025-01-01 00:00:00.000000
 
-The table is written out here in full rather than imported from ``sqlflag._schema``: a
-revision is a frozen snapshot, it must keep creating the same table after ``_schema`` moves on.
-The test suite checks that head still matches ``sqlflag.metadata`` (``compare_metadata``).
+The table is built by ``sqlflag.alembic._create_original_table``, which is frozen: a revision
+keeps creating what it created, later changes come as later revisions (the same helpers a host
+application calls from its own revisions). The test suite checks that head matches
+``sqlflag.metadata`` (``compare_metadata``).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-import sqlalchemy as sa
 from alembic import op
-from sqlalchemy.dialects import mysql
 
 # revision identifiers, used by Alembic.
 revision: str = "d874e3c35f94"
@@ -25,52 +24,18 @@ down_revision: str | Sequence[str] | None = None
 branch_labels: str | Sequence[str] | None = ("sqlflag",)
 depends_on: str | Sequence[str] | None = None
 
-TABLE_NAME = "leadership_flags"
 
-
-def _timestamp() -> sa.DateTime:
-    """Microseconds on PostgreSQL and MySQL/MariaDB; SQLAlchemy's text format on SQLite."""
-    return sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
+# sqlflag is imported only when a revision runs, after env.py made sure it can be: listing
+# revisions (``alembic heads``, ``history``) from a checkout works without it installed.
 
 
 def upgrade() -> None:
-    op.create_table(
-        TABLE_NAME,
-        sa.Column("name", sa.String(255), nullable=False, comment="Flag name."),
-        sa.Column(
-            "holder",
-            sa.String(255),
-            nullable=True,
-            comment="Process holding (or last holding) the lease.",
-        ),
-        sa.Column(
-            "token",
-            sa.BigInteger(),
-            nullable=False,
-            comment="Fencing token; grows with every tenure.",
-        ),
-        sa.Column(
-            "acquired_at",
-            _timestamp(),
-            nullable=True,
-            comment="Database time the tenure began.",
-        ),
-        sa.Column(
-            "renewed_at",
-            _timestamp(),
-            nullable=True,
-            comment="Database time of the last renewal.",
-        ),
-        sa.Column(
-            "expires_at",
-            _timestamp(),
-            nullable=False,
-            comment="Database time the lease ends.",
-        ),
-        sa.PrimaryKeyConstraint("name"),
-        comment="sqlflag leadership leases, one row per flag name.",
-    )
+    from sqlflag import alembic as helpers
+
+    helpers._create_original_table(op, helpers._packaged_schema(op))
 
 
 def downgrade() -> None:
-    op.drop_table(TABLE_NAME)
+    from sqlflag import alembic as helpers
+
+    helpers.drop_table(op, helpers._packaged_schema(op))
