@@ -27,7 +27,7 @@ from datetime import timedelta
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.dialects.postgresql import ARRAY, BIT, insert
+from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.engine import CursorResult
 
 from ._base import Dialect, Outcome, as_seconds, as_token, t
@@ -41,10 +41,11 @@ def timeline_floor() -> sa.ColumnElement[Any]:
     """``(T - 1) * 2**32`` for the server's current timeline ``T``, read from the name of the
     WAL file being written (its first 8 hex digits). Any role may call these functions; on
     a standby they fail (recovery is in progress), like the UPDATE itself would."""
-    walfile = sa.func.pg_walfile_name(sa.func.pg_current_wal_lsn())
-    digits = sa.literal("x", sa.Text) + sa.func.substr(walfile, 1, 8)
-    timeline = sa.cast(sa.cast(digits, BIT(32)), sa.BigInteger)
-    return (timeline - 1) * TIMELINE_SPAN
+    timeline = sa.literal_column(
+        "('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint",
+        sa.BigInteger,
+    )
+    return (timeline - sa.literal_column("1")) * sa.literal_column(str(TIMELINE_SPAN))
 
 
 class PostgreSQL(Dialect):
@@ -66,7 +67,10 @@ class PostgreSQL(Dialect):
 
     def build_check(self) -> sa.Executable:
         # The sub-statements share one snapshot: ``cur`` is the row as it was before ``won``.
-        floor = sa.select(timeline_floor().label("floor")).cte("tl")
+        # Computed once (a CTE referenced several times is evaluated once), read by each
+        # expression through a scalar subquery.
+        tl = sa.select(timeline_floor().label("floor")).cte("tl")
+        floor = sa.select(tl.c.floor).scalar_subquery()
         cur = (
             sa.select(t.c.holder, t.c.token, self.seconds_left(t.c.expires_at).label("left"))
             .where(t.c.name == sa.bindparam("p_name"))
@@ -74,8 +78,8 @@ class PostgreSQL(Dialect):
         )
         won = (
             sa.update(t)
-            .where(t.c.name == sa.bindparam("p_name"), floor.c.floor.is_not(None), self.may_take())
-            .values(dict(self.check_values(floor.c.floor)))
+            .where(t.c.name == sa.bindparam("p_name"), self.may_take())
+            .values(dict(self.check_values(floor)))
             .returning(
                 t.c.token, t.c.holder, self.seconds_left(t.c.expires_at).label("left")
             )

@@ -19,6 +19,7 @@ rounds, the figures of docs/replication.md).
 from __future__ import annotations
 
 import contextlib
+import itertools
 import json
 import shutil
 import signal
@@ -253,10 +254,18 @@ class FailoverHarness(Harness):
         after = [(a, tok, inst) for a, tok, inst in readings if a >= t_f]
         # Longest stretch after the failover with nobody reading the flag raised.
         times = [t_f] + [a for a, _, _ in after]
-        gaps = [y - x for x, y in zip(times, times[1:], strict=False)]
+        gaps = [y - x for x, y in itertools.pairwise(times)]
         holder = marks["holder"]
         kept = sorted({tok for a, tok, inst in after if inst == holder and tok in before})
         new_tokens = sorted({tok for _, tok, _ in after} - set(before))
+        # Two instances raised at once: the longest overlap of their known-raised spans
+        # (whatever the tokens; the checker names the violation, this says how long).
+        spans = [(t.instance, t.span) for t in rec.tenures.values() if t.span is not None]
+        overlap = 0.0
+        for i, (inst_a, (a0, a1)) in enumerate(spans):
+            for inst_b, (b0, b1) in spans[i + 1:]:
+                if inst_a != inst_b:
+                    overlap = max(overlap, min(a1, b1) - max(a0, b0))
         return {
             "failover": {
                 "promote_s": marks["promote_s"],
@@ -267,6 +276,7 @@ class FailoverHarness(Harness):
                 "new_tokens_after": new_tokens[:10],
                 "holder_kept_tokens": kept,
                 "leaderless_gap_s": round(max(gaps), 3) if gaps else None,
+                "two_raised_s": round(overlap, 3),
                 "first_new_token_after_s": (
                     round(min(a for a, tok, _ in after if tok in new_tokens) - t_f, 3)
                     if new_tokens else None
@@ -277,6 +287,57 @@ class FailoverHarness(Harness):
                 "row_at_end": marks.get("row_at_end"),
             },
         }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m tests.harness.failover``: several rounds, one fresh pair each, and a
+    summary of what they measured (the figures of docs/replication.md)."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog="python -m tests.harness.failover", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--rounds", type=int, default=6)
+    p.add_argument("--interval", type=float, default=1.0, help="lease length, s (1.0)")
+    p.add_argument("--timeout", type=float, default=None, help="default: interval * 0.3")
+    p.add_argument("--workers", type=int, default=4)
+    p.add_argument("--sync", action="store_true", help="synchronous replication")
+    p.add_argument("--no-lag", action="store_true", help="do not cut the standby off first")
+    p.add_argument("--no-kill", action="store_true",
+                   help="keep the leader alive during the lag (no tenure the standby lacks)")
+    p.add_argument("--holder-delay", type=float, default=1.0,
+                   help="intervals before the old holder reaches the new primary (1.0)")
+    p.add_argument("--old-check", action="store_true",
+                   help="workers use the check of before the timeline fix (negative control)")
+    p.add_argument("--out", default=None, help="directory for the rounds' records (kept)")
+    args = p.parse_args(argv)
+    out = Path(args.out or tempfile.mkdtemp(prefix="sqlflag-failover-rounds-"))
+    rounds = []
+    for i in range(args.rounds):
+        cfg = FailoverConfig(
+            workers=args.workers, interval=args.interval,
+            timeout=args.timeout if args.timeout is not None else 0.3 * args.interval,
+            sync=args.sync, lag=not args.no_lag, kill_in_lag=not (args.no_kill or args.no_lag),
+            holder_delay=args.holder_delay, sabotage="pre_timeline" if args.old_check else None,
+            out_dir=str(out / f"round-{i}"), log=lambda _msg: None,
+        )
+        result = run_failover(cfg)
+        f = result.figures["failover"]
+        kinds = sorted({v.kind for v in result.report.violations})
+        rounds.append({"violations": kinds, "anomalies": len(result.anomalies), **f})
+        print(json.dumps({"round": i, "violations": kinds, "two_raised_s": f["two_raised_s"],
+                          "leaderless_gap_s": f["leaderless_gap_s"],
+                          "promote_s": f["promote_s"], "max_token_before": f["max_token_before"],
+                          "new_tokens_after": f["new_tokens_after"][:3]}), flush=True)
+    bad = [r for r in rounds if r["violations"] or r["anomalies"]]
+    print(json.dumps({
+        "rounds": len(rounds), "rounds_with_violations": len(bad),
+        "two_raised_s": sorted(r["two_raised_s"] for r in rounds),
+        "leaderless_gap_s": sorted(r["leaderless_gap_s"] or 0 for r in rounds),
+        "promote_s": sorted(r["promote_s"] for r in rounds),
+        "records": str(out),
+    }, indent=2))
+    (out / "rounds.json").write_text(json.dumps(rounds, indent=2, default=str))
+    return 1 if bad and not args.old_check else 0
 
 
 def run_failover(cfg: FailoverConfig) -> FailoverResult:
@@ -290,3 +351,9 @@ def run_failover(cfg: FailoverConfig) -> FailoverResult:
             for log in ("primary.log", "standby.log"):
                 with contextlib.suppress(OSError):
                     shutil.copy(pair.root / log, harness.out / "pair-logs" / log)
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

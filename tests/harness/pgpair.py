@@ -176,6 +176,11 @@ class PgPair:
         assert self.repl is not None
         self.repl.blackhole()
 
+    def heal(self) -> None:
+        """Let the held-back WAL through again (after :meth:`lag`)."""
+        assert self.repl is not None
+        self.repl.heal()
+
     def stop_primary(self) -> None:
         """The old primary goes away at once (crash, or fenced off by the HA manager)."""
         self._run("pg_ctl", "-D", str(self.primary_dir), "-m", "immediate", "-w", "stop",
