@@ -1,8 +1,10 @@
 """PostgreSQL failover (issue 11): fencing tokens and exclusivity across a promotion.
 
-Every test here runs its own primary/standby pair (tests/harness/pgpair.py: ``initdb`` and
-``pg_basebackup`` in a temporary directory, free ports, removed afterwards); none touches the
-main servers. docs/replication.md explains the semantics these tests pin down.
+Every replication test here runs its own primary/standby pair (tests/harness/pgpair.py:
+``initdb`` and ``pg_basebackup`` in a temporary directory, free ports, removed afterwards;
+tests/harness/mariadbpair.py likewise); none touches the main servers (only the MariaDB
+carry-over statement test uses the suite's usual per-worker database). docs/replication.md
+explains the semantics these tests pin down.
 
 * statement level, on a promoted server (timeline 2): tokens jump into the timeline's range,
   a row from the old timeline is carried over for one interval instead of taken, a new row
@@ -10,7 +12,9 @@ main servers. docs/replication.md explains the semantics these tests pin down.
 * whole runs with the fault harness's workers and checker (tests/harness/failover.py): an
   asynchronous failover with a lagging standby and a tenure the standby never saw (no two
   holders, no repeated token); the same with the check of before this change, which must
-  fail (negative control); a synchronous failover, where the holder keeps its tenure.
+  fail (negative control); a synchronous failover, where the holder keeps its tenure;
+* MariaDB (tests/harness/mariadbpair.py, a GTID primary/replica pair): the same failover
+  without and with the operator's carry-over statement of docs/replication.md.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from collections.abc import Iterator
 import pytest
 import sqlalchemy as sa
 from harness.failover import FailoverConfig, FailoverResult, run_failover
+from harness.mariadbpair import runbook_statement
 from harness.pgpair import PgPair
 from workers.support import execute, set_row, state, wait_for
 
@@ -291,3 +296,49 @@ def test_cancelled_synchronous_commit_is_not_trusted_after_failover(dialect, syn
             new.dispose()
     finally:
         engine.dispose()
+
+
+# -- MySQL/MariaDB: the operator's carry-over -------------------------------------------------
+
+
+@pytest.mark.dialects("mariadb")
+def test_mariadb_operator_carry_over_after_promotion(dialect, engine, flag_name):
+    """MariaDB has no timeline to read, so after promoting a replica an operator runs the
+    documented carry-over: the stale lease it finds (here expired, as a lagging replica's
+    copy would be) is taken by nobody for one interval, and the next token is above every
+    token the old primary could have handed out (up to 2**32 more than the copy's)."""
+    set_row(engine, flag_name, "x", 41, -0.2)
+    execute(engine, runbook_statement(INTERVAL))
+    row = state(engine, flag_name)
+    assert (row.holder, row.token, row.raised) == (None, 41 + TIMELINE_SPAN, False)
+    t0 = time.monotonic()
+    with _flag(engine, flag_name, "b") as b:
+        assert b.wait_raised(INTERVAL + 1.0)
+        assert time.monotonic() - t0 >= 0.8 * INTERVAL
+        assert b.token == 41 + TIMELINE_SPAN + 1
+
+
+@pytest.mark.serial
+@pytest.mark.dialects("mariadb")
+def test_mariadb_async_failover_without_carry_over_splits_the_brain(dialect, tmp_path):
+    """What holds on MariaDB by itself (no timeline to read): the asynchronous failover of
+    the PostgreSQL runs gives two holders with one token. Documented, so pinned down."""
+    result = run_failover(FailoverConfig(out_dir=str(tmp_path), dialect="mariadb"))
+    _show("mariadb async failover", result)
+    kinds = {v.kind for v in result.report.violations}
+    assert kinds & {"shared_token", "overlap", "token_order"}, result.summary()
+
+
+@pytest.mark.serial
+@pytest.mark.dialects("mariadb")
+def test_mariadb_async_failover_with_operator_carry_over(dialect, tmp_path):
+    """The same failover with the documented carry-over statement run on the promoted
+    replica before the clients move: no two holders, tokens above the old primary's."""
+    result = run_failover(FailoverConfig(out_dir=str(tmp_path), dialect="mariadb",
+                                         carry_over=True))
+    _show("mariadb async failover + carry-over", result)
+    f = result.figures["failover"]
+    assert result.report.violations == [], result.summary()
+    assert result.anomalies == [], result.summary()
+    assert f["row_on_new_primary"][0] is None, result.summary()
+    assert f["new_tokens_after"] and min(f["new_tokens_after"]) > TIMELINE_SPAN, result.summary()

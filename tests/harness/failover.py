@@ -34,6 +34,7 @@ from typing import Any
 import sqlalchemy as sa
 
 from . import checker
+from .mariadbpair import MariaDBPair
 from .pgpair import PgPair
 from .proxy import Proxy
 from .runner import Config, Harness, Slot, now
@@ -57,6 +58,11 @@ class FailoverConfig:
     after: float = 4.0
     #: worker sabotage (``"pre_timeline"``: the check of before the timeline fix)
     sabotage: str | None = None
+    #: "postgresql" (streaming replication) or "mariadb" (GTID replication)
+    dialect: str = "postgresql"
+    #: MariaDB: run the operator's carry-over statement (docs/replication.md) right after
+    #: promoting, before the clients move
+    carry_over: bool = False
     out_dir: str | None = None
     log: Any = field(default=lambda msg: print(msg, flush=True), repr=False)
 
@@ -78,10 +84,10 @@ class FailoverResult:
 class FailoverHarness(Harness):
     """The fault harness's workers and checker, with a promotion instead of random faults."""
 
-    def __init__(self, cfg: FailoverConfig, pair: PgPair) -> None:
+    def __init__(self, cfg: FailoverConfig, pair: PgPair | MariaDBPair) -> None:
         out = cfg.out_dir or tempfile.mkdtemp(prefix="sqlflag-failover-")
         super().__init__(Config(
-            dialect="postgresql", workers=cfg.workers, interval=cfg.interval,
+            dialect=pair.dialect, workers=cfg.workers, interval=cfg.interval,
             timeout=cfg.timeout, jitter=cfg.jitter, faults=(), sabotage=cfg.sabotage,
             server_url=pair.url(pair.primary_port).render_as_string(hide_password=False),
             out_dir=out, keep=True, log=cfg.log,
@@ -96,7 +102,7 @@ class FailoverHarness(Harness):
         from sqlflag import _migrate
 
         self.db_name = "sqlflag_failover"
-        self.pair.scalar(self.pair.primary_port, f'CREATE DATABASE "{self.db_name}"')
+        self.pair.create_database(self.db_name)
         self.url = self.pair.url(self.pair.primary_port, self.db_name)
         _migrate.upgrade(self.url.render_as_string(hide_password=False))
         self.fence_url = f"sqlite:///{self.out / 'fence.db'}"
@@ -128,9 +134,7 @@ class FailoverHarness(Harness):
     def row(self) -> tuple[Any, ...] | None:
         assert self.direct is not None
         with contextlib.suppress(Exception), self.direct.connect() as conn:
-            r = conn.execute(sa.text(
-                "SELECT holder, token, EXTRACT(epoch FROM expires_at - statement_timestamp()) "
-                "FROM leadership_flags WHERE name = :n"), {"n": self.name}).first()
+            r = conn.execute(sa.text(self.pair.row_sql()), {"n": self.name}).first()
             if r is None:
                 return None
             return (r[0], r[1], None if r[2] is None else round(float(r[2]), 3))
@@ -187,10 +191,17 @@ class FailoverHarness(Harness):
                     holder.proxy.blackhole()
                 marks["t_failover"] = now()
                 pair.stop_primary()
-                for p in proxies:
-                    p.retarget("127.0.0.1", pair.standby_port)
+                if pair.move_clients_before_promotion:
+                    for p in proxies:
+                        p.retarget("127.0.0.1", pair.standby_port)
                 marks["promote_s"] = round(pair.promote(), 3)
                 marks["t_promoted"] = now()
+                if cfg.carry_over:
+                    assert isinstance(pair, MariaDBPair)
+                    pair.carry_over(iv, self.db_name)
+                if not pair.move_clients_before_promotion:
+                    for p in proxies:
+                        p.retarget("127.0.0.1", pair.standby_port)
                 self.move_direct(pair.standby_port)
                 marks["timeline"] = pair.timeline(pair.standby_port)
                 marks["row_on_new_primary"] = self.row()
@@ -342,15 +353,19 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_failover(cfg: FailoverConfig) -> FailoverResult:
     """One round on a fresh pair (removed afterwards; the records stay in ``out_dir``)."""
-    with PgPair(sync=cfg.sync) as pair:
+    pair: PgPair | MariaDBPair
+    pair = MariaDBPair() if cfg.dialect == "mariadb" else PgPair(sync=cfg.sync)
+    with pair:
         harness = FailoverHarness(cfg, pair)
         try:
             return harness.run_failover()
         finally:
             (harness.out / "pair-logs").mkdir(exist_ok=True)
-            for log in ("primary.log", "standby.log"):
+            logs = [pair.root / "primary.log", pair.root / "standby.log",
+                    pair.primary_dir / "error.log", pair.standby_dir / "error.log"]
+            for log in logs:
                 with contextlib.suppress(OSError):
-                    shutil.copy(pair.root / log, harness.out / "pair-logs" / log)
+                    shutil.copy(log, harness.out / "pair-logs" / f"{log.parent.name}-{log.name}")
 
 
 if __name__ == "__main__":

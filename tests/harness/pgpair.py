@@ -38,6 +38,10 @@ def free_port() -> int:
 class PgPair:
     """Primary + streaming standby (asynchronous, or synchronous with ``sync=True``)."""
 
+    dialect = "postgresql"
+    #: a standby refuses writes by itself: clients may move to it before it is promoted
+    move_clients_before_promotion = True
+
     def __init__(self, sync: bool = False) -> None:
         self.sync = sync
         self.root = Path(tempfile.mkdtemp(prefix="sqlflag-pgpair-"))
@@ -138,6 +142,13 @@ class PgPair:
                 return result.scalar() if result.returns_rows else None
         finally:
             engine.dispose()
+
+    def create_database(self, name: str) -> None:
+        self.scalar(self.primary_port, f'CREATE DATABASE "{name}"')
+
+    def row_sql(self) -> str:
+        return ("SELECT holder, token, EXTRACT(epoch FROM expires_at - statement_timestamp()) "
+                "FROM leadership_flags WHERE name = :n")
 
     # -- replication ------------------------------------------------------------------------
 
