@@ -131,14 +131,24 @@ class FailoverHarness(Harness):
             time.sleep(0.02)
         return None
 
-    def row(self) -> tuple[Any, ...] | None:
-        assert self.direct is not None
-        with contextlib.suppress(Exception), self.direct.connect() as conn:
-            r = conn.execute(sa.text(self.pair.row_sql()), {"n": self.name}).first()
-            if r is None:
-                return None
-            return (r[0], r[1], None if r[2] is None else round(float(r[2]), 3))
-        return None
+    def row(self, port: int | None = None) -> tuple[Any, ...] | None:
+        """(holder, token, seconds left) of the flag's row, on the current primary or on the
+        server at ``port`` (a standby can be read)."""
+        assert self.direct is not None and self.url is not None
+        engine = self.direct
+        if port is not None:
+            engine = sa.create_engine(self.url.set(port=port), poolclass=sa.NullPool,
+                                      connect_args={"connect_timeout": 2})
+        try:
+            with contextlib.suppress(Exception), engine.connect() as conn:
+                r = conn.execute(sa.text(self.pair.row_sql()), {"n": self.name}).first()
+                if r is None:
+                    return None
+                return (r[0], r[1], None if r[2] is None else round(float(r[2]), 3))
+            return None
+        finally:
+            if port is not None:
+                engine.dispose()
 
     def run_failover(self) -> FailoverResult:
         cfg, iv = self.fcfg, self.fcfg.interval
@@ -191,6 +201,8 @@ class FailoverHarness(Harness):
                     holder.proxy.blackhole()
                 marks["t_failover"] = now()
                 pair.stop_primary()
+                # What the standby has, before any client can reach it once promoted.
+                marks["row_on_standby"] = self.row(pair.standby_port)
                 if pair.move_clients_before_promotion:
                     for p in proxies:
                         p.retarget("127.0.0.1", pair.standby_port)
@@ -294,6 +306,7 @@ class FailoverHarness(Harness):
                 ),
                 "row_before_lag": marks.get("row_before_lag"),
                 "row_on_primary": marks.get("row_on_primary"),
+                "row_on_standby": marks.get("row_on_standby"),
                 "row_on_new_primary": marks.get("row_on_new_primary"),
                 "row_at_end": marks.get("row_at_end"),
             },
