@@ -120,6 +120,30 @@ def test_valid_row_from_an_older_timeline_is_respected(dialect, engine2):
         assert b.token == TIMELINE_SPAN + 1
 
 
+def test_holder_renewing_an_older_timeline_lease_keeps_its_token(dialect, engine2):
+    """The holder's own renewal of a still-valid lease from timeline 1 (what a holder does
+    after a synchronous failover) keeps its tenure: same token, a fresh expiry, no one else
+    let in. Once it releases, the row (still of timeline 1) is carried over once more."""
+    from sqlflag._dialects import for_dialect
+
+    ops = for_dialect(engine2.dialect)
+    name = _name()
+    set_row(engine2, name, "a", 41, 0.5)
+    eng = engine2.execution_options(isolation_level="AUTOCOMMIT")
+    with eng.connect() as conn:
+        other = ops.parse_check(conn.execute(ops.check, ops.params(name, "b", None, INTERVAL)))
+        assert not other.won and other.holder == "a"
+        renewed = ops.parse_check(conn.execute(ops.check, ops.params(name, "a", 41, INTERVAL)))
+        assert renewed.won and renewed.token == 41
+        assert INTERVAL - 0.1 < state(engine2, name).expires_in <= INTERVAL
+        conn.execute(ops.release, ops.params(name, "a", 41, INTERVAL))
+        carried = ops.parse_check(conn.execute(ops.check, ops.params(name, "b", None, INTERVAL)))
+        assert not carried.won and carried.holder is None
+        assert carried.lease_left is not None and carried.lease_left > 0.9 * INTERVAL
+        row = state(engine2, name)
+        assert (row.holder, row.token) == (None, TIMELINE_SPAN)
+
+
 def test_tokens_already_in_range_just_grow(dialect, engine2):
     """Rows of the current timeline follow the usual rule: next token = token + 1."""
     name = _name()
