@@ -1,4 +1,23 @@
-"""PostgreSQL: one CTE both tries the swap and reports the current lease."""
+"""PostgreSQL: one CTE both tries the swap and reports the current lease.
+
+Fencing tokens carry the server's timeline (it grows at every promotion of a standby, and
+at every point-in-time recovery): on timeline ``T`` a new tenure gets at least
+``(T - 1) * 2**32 + 1``, so tokens never repeat and never go backwards across a failover,
+even when the new primary lacks the old one's last tokens. On timeline 1 (a server never
+promoted) tokens are 1, 2, 3 ... as on the other databases.
+
+A row whose token is below the current timeline's range was written before the promotion,
+and its ``expires_at`` may be stale: the old primary may have renewed the lease after the
+standby's last replayed change (asynchronous replication). Such a row is trusted only to
+say who held the lease and that it was valid until ``expires_at`` at least: while it
+looks valid, only its holder may renew it (keeping its tenure: with synchronous
+replication a holder that reconnects in time keeps its lease); the first check by anyone
+else that finds it expired grants nothing, but *carries it over*: no holder, the token
+moved to ``(T - 1) * 2**32``, ``expires_at`` one interval from now. The old holder's last
+successful renewal was sent before that check (the old primary stopped taking writes
+first), so it has lowered by then; after that interval the flag is free as usual.
+See docs/replication.md.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +32,20 @@ from sqlalchemy.engine import CursorResult
 
 from ._base import Dialect, Outcome, as_seconds, as_token, t
 from ._watchdog import bound_psycopg, client_bound
+
+#: Tokens per timeline: timeline ``T`` hands out tokens in ``[(T-1) * SPAN, T * SPAN)``.
+TIMELINE_SPAN = 1 << 32
+
+
+def timeline_floor() -> sa.ColumnElement[Any]:
+    """``(T - 1) * 2**32`` for the server's current timeline ``T``, read from the name of the
+    WAL file being written (its first 8 hex digits). Any role may call these functions; on
+    a standby they fail (recovery is in progress), like the UPDATE itself would."""
+    timeline = sa.literal_column(
+        "('x' || substr(pg_walfile_name(pg_current_wal_lsn()), 1, 8))::bit(32)::bigint",
+        sa.BigInteger,
+    )
+    return (timeline - sa.literal_column("1")) * sa.literal_column(str(TIMELINE_SPAN))
 
 
 class PostgreSQL(Dialect):
@@ -34,6 +67,10 @@ class PostgreSQL(Dialect):
 
     def build_check(self) -> sa.Executable:
         # The sub-statements share one snapshot: ``cur`` is the row as it was before ``won``.
+        # Computed once (a CTE referenced several times is evaluated once), read by each
+        # expression through a scalar subquery.
+        tl = sa.select(timeline_floor().label("floor")).cte("tl")
+        floor = sa.select(tl.c.floor).scalar_subquery()
         cur = (
             sa.select(t.c.holder, t.c.token, self.seconds_left(t.c.expires_at).label("left"))
             .where(t.c.name == sa.bindparam("p_name"))
@@ -42,21 +79,51 @@ class PostgreSQL(Dialect):
         won = (
             sa.update(t)
             .where(t.c.name == sa.bindparam("p_name"), self.may_take())
-            .values(dict(self.take_values()))
-            .returning(t.c.token)
+            .values(dict(self.check_values(floor)))
+            .returning(
+                t.c.token, t.c.holder, self.seconds_left(t.c.expires_at).label("left")
+            )
             .cte("won")
         )
         return sa.select(
-            won.c.token.label("won_token"), cur.c.holder, cur.c.token, cur.c.left
+            won.c.token.label("won_token"), won.c.holder.label("won_holder"),
+            won.c.left.label("won_left"), cur.c.holder, cur.c.token, cur.c.left,
         ).select_from(cur.outerjoin(won, sa.true()))
+
+    def check_values(self, floor: sa.ColumnElement[Any]) -> list[tuple[Any, Any]]:
+        """SET list of a check that passed :meth:`may_take` (``floor``: the current timeline's
+        first token, see :func:`timeline_floor`).
+
+        Our own tenure is renewed (its token kept while the lease is valid, even one from an
+        older timeline). A free lease whose token is from an older timeline is carried over
+        instead of taken: no holder, token ``floor``, one more interval (see the module
+        docstring). Otherwise a new tenure: the next token, at least ``floor + 1``.
+        """
+        valid = t.c.expires_at > self.now()
+        # Never NULL (a row without holder is not ours), so ``NOT mine`` is a plain boolean.
+        mine = sa.and_(
+            t.c.holder.is_not_distinct_from(sa.bindparam("p_process")),
+            t.c.token == sa.bindparam("p_token"),
+        )
+        carry = sa.and_(sa.not_(mine), t.c.token < floor)
+        new_token = sa.func.greatest(t.c.token + 1, floor + 1)
+        return [
+            (t.c.token, sa.case((carry, floor), (valid, t.c.token), else_=new_token)),
+            (t.c.acquired_at, sa.case((carry | valid, t.c.acquired_at), else_=self.now())),
+            (t.c.holder, sa.case((carry, sa.null()), else_=sa.bindparam("p_process"))),
+            (t.c.renewed_at, sa.case((carry, t.c.renewed_at), else_=self.now())),
+            (t.c.expires_at, self.later()),
+        ]
 
     def parse_check(self, result: CursorResult[Any]) -> Outcome:
         row = result.first()
         if row is None:
             return Outcome(won=False, missing=True)
-        won_token, holder, token, left = tuple(row)
-        if won_token is not None:
+        won_token, won_holder, won_left, holder, token, left = tuple(row)
+        if won_token is not None and won_holder is not None:
             return Outcome(won=True, token=as_token(won_token))
+        if won_token is not None:  # carried over from an older timeline: nobody holds it
+            return Outcome(won=False, lease_left=as_seconds(won_left))
         return Outcome(
             won=False,
             lease_left=as_seconds(left),
@@ -104,6 +171,10 @@ class PostgreSQL(Dialect):
     def build_ensure_row(self) -> sa.Executable:
         stmt = insert(t).values(self.ensure_values())
         return stmt.on_conflict_do_nothing(index_elements=["name"])
+
+    def ensure_values(self) -> dict[str, Any]:
+        # A new row starts in the current timeline's range, so it is not carried over.
+        return {**super().ensure_values(), "token": sa.select(timeline_floor()).scalar_subquery()}
 
     def connect_params(self, driver: str, timeout: float) -> dict[str, Any]:
         if driver == "psycopg":  # libpq counts whole seconds, at least 2

@@ -9,6 +9,8 @@ server). It runs an asyncio loop in a daemon thread; the control methods are thr
   like a peer that stopped answering. :meth:`Proxy.heal` delivers what was held, the way TCP
   retransmission would after a partition ends.
 * :meth:`Proxy.reset` aborts every open connection (RST), like a firewall that lost its state.
+* :meth:`Proxy.retarget` sends new connections to another server and aborts the open ones,
+  like a virtual IP or an HA proxy moving to a new primary.
 """
 
 from __future__ import annotations
@@ -115,6 +117,12 @@ class Proxy:
         """Abort every open connection; returns how many were aborted."""
         fut = asyncio.run_coroutine_threadsafe(self._reset(), self._loop)
         return fut.result(10)
+
+    def retarget(self, upstream_host: str, upstream_port: int) -> int:
+        """Forward new connections to ``upstream_host:upstream_port``; abort the open ones
+        (returns how many)."""
+        self.upstream = (upstream_host, upstream_port)
+        return self.reset()
 
     async def _reset(self) -> int:
         conns = list(self._conns)

@@ -110,8 +110,54 @@ def sabotage(how: str) -> None:
         # already the jumping one here).
         for module in (sqlflag._shell, sqlflag._sync):
             module.monotonic = time.time  # type: ignore[attr-defined]
+    elif how == "pre_timeline":
+        # PostgreSQL's check as it was before tokens carried the server's timeline: after a
+        # failover it trusts the new primary's (possibly stale) copy of the lease.
+        pre_timeline()
     else:
         raise ValueError(f"unknown sabotage {how!r}")
+
+
+def pre_timeline() -> None:
+    """Put back PostgreSQL's check statement of before the timeline fix (negative control
+    of the failover tests: the same scenario must then show violations)."""
+    from sqlflag._dialects import _base, postgresql
+
+    t = _base.t
+    pg = postgresql.PostgreSQL
+
+    def build_check(self: Any) -> Any:
+        cur = (
+            sa.select(t.c.holder, t.c.token, self.seconds_left(t.c.expires_at).label("left"))
+            .where(t.c.name == sa.bindparam("p_name"))
+            .cte("cur")
+        )
+        won = (
+            sa.update(t)
+            .where(t.c.name == sa.bindparam("p_name"), self.may_take())
+            .values(dict(self.take_values()))
+            .returning(t.c.token)
+            .cte("won")
+        )
+        return sa.select(
+            won.c.token.label("won_token"), cur.c.holder, cur.c.token, cur.c.left
+        ).select_from(cur.outerjoin(won, sa.true()))
+
+    def parse_check(self: Any, result: Any) -> Any:
+        row = result.first()
+        if row is None:
+            return _base.Outcome(won=False, missing=True)
+        won_token, holder, token, left = tuple(row)
+        if won_token is not None:
+            return _base.Outcome(won=True, token=_base.as_token(won_token))
+        return _base.Outcome(
+            won=False, lease_left=_base.as_seconds(left), holder=holder,
+            holder_token=None if token is None else _base.as_token(token),
+        )
+
+    pg.build_check = build_check  # type: ignore[method-assign]
+    pg.parse_check = parse_check  # type: ignore[method-assign]
+    pg.ensure_values = _base.Dialect.ensure_values  # type: ignore[method-assign]
 
 
 def main(argv: list[str]) -> int:
