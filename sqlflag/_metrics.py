@@ -78,7 +78,8 @@ class _Families:
         self.errors = make(
             Counter,
             "leadership_flag_errors",
-            "Failed database statements, by kind: timeout, connection, database, invalid_row.",
+            "Failed database statements, by kind: timeout, connection, conflict, database, "
+            "invalid_row.",
             (*LABELS, "kind"),
         )
         self.latency = make(

@@ -337,11 +337,11 @@ def test_one_statement_and_one_round_trip_per_check(pool, flag_name, dialect):
     assert 2 <= follower_checks <= 5
     t1 = now()
     holder.close()
-    t2 = now()
     assert flag.wait_raised(INTERVAL / 2 + SLACK)
     time.sleep(0.05)
-    assert phase(t2, now()) == 1  # the acquisition
-    assert phase(t1, t2) <= 1  # a follower check may have run while the holder released
+    # The acquisition (on PostgreSQL the release's NOTIFY may wake it before close() returns),
+    # after at most one follower check sent while the holder released.
+    assert 1 <= phase(t1, now()) <= 2
     t3 = now()
     time.sleep(1.6)
     renewals = phase(t3, now())
