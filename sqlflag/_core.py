@@ -287,14 +287,17 @@ class FlagCore:
         if step.kind == "ensure":
             self._need_row = False
             return Report([], 0.0)
+        delay = self._jittered(self.settings.interval / 2)
         if step.kind == "release":
             if self._to_release == step.token:
                 self._to_release = None
+                if not self.closed and self._precheck_ok:
+                    delay = 0.0  # gave back a late success of ours: compete again at once
             self.log.info(
                 "flag %r: process %r released tenure %s",
                 self.settings.name, self.settings.process, step.token,
             )
-        return Report([], self._jittered(self.settings.interval / 2))
+        return Report([], delay)
 
     def _checked(self, t_sent: float, t_done: float, outcome: Outcome) -> Report:
         s = self.settings

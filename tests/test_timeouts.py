@@ -247,3 +247,32 @@ def test_async_statement_on_a_silent_network_gives_up_and_says_so(
         "no answer from the database within" in m or "connecting to the database took" in m
         for m in said
     ), said
+
+
+@pytest.mark.dialects("postgresql")
+def test_a_late_renewal_of_our_own_is_not_another_instance(proxied, make_flag, caplog):
+    """The network delays a renewal past the client's bound (0.5 s): the client gives up, the
+    flag lowers by its deadline, but the renewal reaches the database later and commits. The
+    next check finds the lease held under our own process name with the tenure we abandoned:
+    a late success of our own, not a duplicate instance. It is given back at once (never
+    raised again with that token) and the flag takes a new tenure before the ghost lease
+    would have run out."""
+    caplog.set_level(logging.INFO, logger="sqlflag")
+    proxy, engine = proxied
+    interval = 4.0
+    flag = make_flag("pod", handle=engine, interval=interval, listen=False)
+    assert flag.wait_raised(5)
+    token = flag.token
+    time.sleep(0.3)
+    proxy.set_delay(1.2)  # the renewal due in ~1.7 s arrives ~1.2 s late, the lease still valid
+    assert flag.wait_lowered(interval + 1)  # its local deadline passed
+    lowered = time.monotonic()
+    time.sleep(0.3)
+    proxy.heal()
+    assert flag.wait_raised(interval)
+    assert flag.token == token + 1
+    # The ghost renewal extended the lease to ~interval after it landed; the release ended it.
+    assert time.monotonic() - lowered < interval - 1.0
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "same process name" in m], messages
+    assert [m for m in messages if f"renewal of tenure {token}" in m and "releasing" in m]
