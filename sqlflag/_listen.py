@@ -33,13 +33,16 @@ log = logging.getLogger("sqlflag")
 RETRY = 1.0  # seconds between attempts to (re)connect the listening connection
 PROBE_WAIT = 2.0  # seconds the self-test waits for its own notification
 UNDELIVERED = (
-    "sqlflag: listen() is off: notifications cannot reach this process (%s; a transaction "
-    "pooler such as PgBouncer with pool_mode=transaction?). Followers take over at their "
-    "next regular check instead, up to interval/2 after a release. To get millisecond "
-    "handovers, give sqlflag an engine that connects to PostgreSQL directly or through "
-    "session pooling; build with listen(False) to silence this"
+    "sqlflag: listen() is off: notifications cannot reach this process: %s. Followers take "
+    "over at their next regular check instead, up to interval/2 after a release. For "
+    "millisecond handovers, give sqlflag an engine that connects to PostgreSQL directly or "
+    "through session pooling; build with listen(False) to silence this"
 )
-POOLED = "the connection goes through a transaction pooler"
+POOLED = (
+    "its connection goes through a transaction pooler (PgBouncer pool_mode=transaction, or a "
+    "cloud pooler in transaction mode), where a LISTEN stays behind on a server connection "
+    "lent to other clients"
+)
 
 
 def _probe_channel() -> str:
@@ -112,7 +115,7 @@ class Listener:
                 return int(conn.execute(PID_SQL).fetchone()[0])
 
             def other_pid() -> int:
-                value = other.exec_driver_sql(PID_SQL).scalar()
+                value = other.exec_driver_sql(PID_SQL).scalar_one()
                 other.rollback()
                 return int(value)
 
@@ -129,7 +132,10 @@ class Listener:
             # likely goes to the same (poolers hand out the last one returned first).
             conn.execute("UNLISTEN *")
         if not arrived:
-            return f"a notification sent to it did not arrive within {PROBE_WAIT:g} s"
+            return (
+                f"a notification sent to it did not arrive within {PROBE_WAIT:g} s (a "
+                "transaction pooler?)"
+            )
         return None
 
 
@@ -212,7 +218,7 @@ class AsyncListener:
         async with self._engine.connect() as other:
 
             async def other_pid() -> int:
-                value = (await other.exec_driver_sql(PID_SQL)).scalar()
+                value = (await other.exec_driver_sql(PID_SQL)).scalar_one()
                 await other.rollback()
                 return int(value)
 
@@ -242,7 +248,10 @@ class AsyncListener:
                         arrived.set()
                 await driver.execute("UNLISTEN *")
         if not arrived.is_set():
-            return f"a notification sent to it did not arrive within {PROBE_WAIT:g} s"
+            return (
+                f"a notification sent to it did not arrive within {PROBE_WAIT:g} s (a "
+                "transaction pooler?)"
+            )
         return None
 
     def _ready(self, failed: bool) -> bool:

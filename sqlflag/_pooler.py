@@ -58,10 +58,7 @@ def transaction_pooled(key: int | None, pid: Callable[[], int], other: Callable[
     first = pid()
     if key is not None and key == first:
         return False
-    for _ in range(ROUNDS):
-        if other() == first or pid() != first:
-            return True
-    return False
+    return any(other() == first or pid() != first for _ in range(ROUNDS))
 
 
 async def transaction_pooled_async(
@@ -83,7 +80,7 @@ async def engine_transaction_pooled(engine: AsyncEngine, wait: float) -> bool:
     session pooling with every backend taken (a transaction pooler lends it the idle one)."""
 
     async def pid_of(conn: Any) -> int:
-        value = (await conn.exec_driver_sql(PID_SQL)).scalar()
+        value = (await conn.exec_driver_sql(PID_SQL)).scalar_one()
         await conn.rollback()
         return int(value)
 

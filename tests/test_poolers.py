@@ -8,6 +8,7 @@ touches the shared server's configuration.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
@@ -28,49 +29,49 @@ pytestmark = pytest.mark.dialects("postgresql")
 MODES = ["transaction", "session"]
 
 
-@pytest.fixture
-def bouncer(db_url: str, tmp_path: Any) -> Iterator[Callable[..., PgBouncer]]:
-    """Start PgBouncers in front of the test database's server; all stopped at the end."""
-    started: list[PgBouncer] = []
+class Setup:
+    """PgBouncers, engines and flags of one test, all stopped, closed, disposed at the end."""
 
-    def start(mode: str, pool_size: int = 2) -> PgBouncer:
-        b = PgBouncer(tmp_path / f"pgbouncer-{len(started)}", db_url, mode, pool_size).start()
-        started.append(b)
+    def __init__(self, db_url: str, tmp_path: Any) -> None:
+        self.db_url = db_url
+        self._tmp = tmp_path
+        self._bouncers: list[PgBouncer] = []
+        self._engines: list[sa.Engine] = []
+        self._flags: list[sqlflag.Flag] = []
+
+    def bouncer(self, mode: str, pool_size: int = 2) -> PgBouncer:
+        """A PgBouncer in ``mode`` in front of the test database's server."""
+        where = self._tmp / f"pgbouncer-{len(self._bouncers)}"
+        b = PgBouncer(where, self.db_url, mode, pool_size)
+        self._bouncers.append(b.start())
         return b
 
-    yield start
-    for b in started:
-        b.stop()
+    def engine(self, url: str, **kw: Any) -> sa.Engine:
+        self._engines.append(sa.create_engine(url, **kw))
+        return self._engines[-1]
 
-
-@pytest.fixture
-def engines() -> Iterator[Callable[..., sa.Engine]]:
-    made: list[sa.Engine] = []
-
-    def make(url: str, **kw: Any) -> sa.Engine:
-        made.append(sa.create_engine(url, **kw))
-        return made[-1]
-
-    yield make
-    for e in made:
-        e.dispose()
-
-
-@pytest.fixture
-def flags() -> Iterator[Callable[..., sqlflag.Flag]]:
-    built: list[sqlflag.Flag] = []
-
-    def build(engine: sa.Engine, name: str, process: str, **options: Any) -> sqlflag.Flag:
+    def flag(self, engine: sa.Engine, name: str, process: str, **options: Any) -> sqlflag.Flag:
         settings = {"interval": 1.0, "timeout": 0.3, "jitter": 0.0, **options}
         builder = sqlflag.new_flag().handle(engine).name(name).process(process)
         for key, value in settings.items():
             getattr(builder, key)(value)
-        built.append(builder.build())
-        return built[-1]
+        self._flags.append(builder.build())
+        return self._flags[-1]
 
-    yield build
-    for f in built:
-        f.close()
+    def close(self) -> None:
+        for f in self._flags:
+            f.close()
+        for e in self._engines:
+            e.dispose()
+        for b in self._bouncers:
+            b.stop()
+
+
+@pytest.fixture
+def pg(db_url: str, tmp_path: Any) -> Iterator[Setup]:
+    setup = Setup(db_url, tmp_path)
+    yield setup
+    setup.close()
 
 
 def _warnings(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
@@ -82,22 +83,22 @@ def _warnings(caplog: pytest.LogCaptureFixture, text: str) -> list[str]:
 
 
 def test_app_sessions_never_see_sqlflag_bounds_through_transaction_pooling(
-    db_url, bouncer, engines, flags, flag_name
+    pg, flag_name
 ):
     """Flags on three engines (three "processes") and four application threads share a
     transaction pool of two server connections. The application never sees a statement or
     lock timeout, a LISTEN or a prepared statement of sqlflag's, and its 0.4 s queries are
     never cancelled (sqlflag's own bound is 0.2 s)."""
-    pgb = bouncer("transaction", pool_size=2)
-    url = pgb.url(db_url)
+    pgb = pg.bouncer("transaction", pool_size=2)
+    url = pgb.url(pg.db_url)
     logs = []
     for i in range(3):
-        engine = engines(url)
+        engine = pg.engine(url)
         logs.append(StatementLog(engine))
         for j in range(2):
-            flags(engine, f"{flag_name}-{j}", f"p{i}", timeout=0.2)
+            pg.flag(engine, f"{flag_name}-{j}", f"p{i}", timeout=0.2)
     # The application itself does what PgBouncer 1.18 in transaction mode needs: no prepares.
-    app = engines(
+    app = pg.engine(
         url, pool_size=4, isolation_level="AUTOCOMMIT", connect_args={"prepare_threshold": None}
     )
     seen: list[tuple[str, Any]] = []
@@ -119,7 +120,7 @@ def test_app_sessions_never_see_sqlflag_bounds_through_transaction_pooling(
                     if n % 3 == 0:
                         conn.exec_driver_sql("SELECT pg_sleep(0.4)")
                         seen.append(("slept", True))
-        except BaseException as exc:  # noqa: BLE001 - reported below
+        except BaseException as exc:  # reported below
             errors.append(exc)
 
     threads = [threading.Thread(target=client) for _ in range(4)]
@@ -144,18 +145,19 @@ def test_app_sessions_never_see_sqlflag_bounds_through_transaction_pooling(
 
 @pytest.mark.parametrize("mode", MODES)
 def test_lock_blocked_statement_is_cancelled_by_the_server(
-    db_url, bouncer, engines, flags, flag_name, mode, caplog
+    pg, flag_name, mode, caplog
 ):
     """Another session holds the flag's row lock: every check that blocks on it is cancelled
     by the server after the 0.3 s lock timeout (so nothing is left to commit later), not
     abandoned by the client, whose bound is 0.5 s."""
-    pgb = bouncer(mode, pool_size=2 if mode == "transaction" else 6)
-    flag = flags(engines(pgb.url(db_url)), flag_name, "holder", interval=2.0, listen=False)
+    pgb = pg.bouncer(mode, pool_size=2 if mode == "transaction" else 6)
+    engine = pg.engine(pgb.url(pg.db_url))
+    flag = pg.flag(engine, flag_name, "holder", interval=2.0, listen=False)
     assert flag.wait_raised(5)
-    direct = engines(db_url)
+    direct = pg.engine(pg.db_url)
     waits: list[float] = []
     # Other clients keep the pool busy, so sqlflag's statements land on either server.
-    app = engines(pgb.url(db_url), connect_args={"prepare_threshold": None})
+    app = pg.engine(pgb.url(pg.db_url), connect_args={"prepare_threshold": None})
     stop = threading.Event()
 
     def client() -> None:
@@ -203,25 +205,25 @@ def test_lock_blocked_statement_is_cancelled_by_the_server(
 
 @pytest.mark.parametrize("mode", MODES)
 def test_one_round_trip_per_check_through_pgbouncer(
-    db_url, bouncer, engines, flags, flag_name, mode
+    pg, flag_name, mode
 ):
     """A TCP proxy between sqlflag and PgBouncer counts request bursts: each check (follower,
     acquisition, renewal) is one, bounds included."""
-    pgb = bouncer(mode)
+    pgb = pg.bouncer(mode)
     proxy = TcpProxy("127.0.0.1", pgb.port)
     try:
-        holder = flags(engines(pgb.url(db_url)), flag_name, "holder", listen=False)
+        holder = pg.flag(pg.engine(pgb.url(pg.db_url)), flag_name, "holder", listen=False)
         assert holder.wait_raised(3)
-        engine = engines(proxy.url(pgb.url(db_url)))
+        engine = pg.engine(proxy.url(pgb.url(pg.db_url)))
         log = StatementLog(engine)
-        follower = flags(engine, flag_name, "f", listen=False)
+        follower = pg.flag(engine, flag_name, "f", listen=False)
         assert wait_for(lambda: sum(1 for s in log.succeeded() if s.by_flag) >= 6, 10)
         holder.close()
         assert follower.wait_raised(3)
         time.sleep(1.6)  # renewals
         checks = [s for s in log.statements if s.by_flag and s.start > log.connects[-1]]
         assert len(checks) >= 8
-        for s, nxt in zip(checks, checks[1:], strict=False):
+        for s, nxt in itertools.pairwise(checks):
             assert s.end is not None, "a check failed"
             assert proxy.bursts_between(s.start, nxt.start) == 1, s.sql[:60]
     finally:
@@ -233,11 +235,11 @@ def test_one_round_trip_per_check_through_pgbouncer(
 
 @pytest.mark.parametrize("mode", MODES)
 def test_elects_one_and_hands_over_through_pgbouncer(
-    db_url, bouncer, engines, flags, flag_name, mode
+    pg, flag_name, mode
 ):
-    pgb = bouncer(mode, pool_size=3)
-    url = pgb.url(db_url)
-    contenders = [flags(engines(url), flag_name, f"p{i}", listen=False) for i in range(3)]
+    pgb = pg.bouncer(mode, pool_size=3)
+    url = pgb.url(pg.db_url)
+    contenders = [pg.flag(pg.engine(url), flag_name, f"p{i}", listen=False) for i in range(3)]
     with Sampler(contenders) as sampler:
         tokens = []
         for _ in range(2):
@@ -259,10 +261,10 @@ def test_elects_one_and_hands_over_through_pgbouncer(
 LEASE = 4.0  # checks every 2 s: a handover within 0.5 s can only come from a notification
 
 
-def _handover(flags, engines, url: str, name: str) -> float:
-    a = flags(engines(url), name, "a", interval=LEASE)
+def _handover(pg: Setup, url: str, name: str) -> float:
+    a = pg.flag(pg.engine(url), name, "a", interval=LEASE)
     assert a.wait_raised(5)
-    b = flags(engines(url), name, "b", interval=LEASE)
+    b = pg.flag(pg.engine(url), name, "b", interval=LEASE)
     time.sleep(0.8)  # b checked once and sleeps until its next check; its listener is up
     assert not b.raised
     start = now()
@@ -272,17 +274,17 @@ def _handover(flags, engines, url: str, name: str) -> float:
 
 
 def test_listen_through_transaction_pooling_warns_once_and_polls(
-    db_url, bouncer, engines, flags, flag_name, caplog
+    pg, flag_name, caplog
 ):
-    pgb = bouncer("transaction", pool_size=2)
-    url = pgb.url(db_url)
-    took = _handover(flags, engines, url, flag_name)
+    pgb = pg.bouncer("transaction", pool_size=2)
+    url = pgb.url(pg.db_url)
+    took = _handover(pg, url, flag_name)
     assert 0.5 < took < LEASE / 2 + 0.5, took  # the follower's next regular check
     warned = _warnings(caplog, "listen() is off")
     assert len(warned) == 2, warned  # once per engine, none repeated
     assert "transaction pooler" in warned[0]
     # No server connection of the pool was left listening: hold both at once and ask.
-    app = engines(url)
+    app = pg.engine(url)
     with app.connect() as c1, app.connect() as c2:
         pids = {c.exec_driver_sql("SELECT pg_backend_pid()").scalar() for c in (c1, c2)}
         assert len(pids) == 2
@@ -291,10 +293,10 @@ def test_listen_through_transaction_pooling_warns_once_and_polls(
 
 
 def test_listen_through_session_pooling_hands_over_in_milliseconds(
-    db_url, bouncer, engines, flags, flag_name, caplog
+    pg, flag_name, caplog
 ):
-    pgb = bouncer("session", pool_size=6)
-    took = _handover(flags, engines, pgb.url(db_url), flag_name)
+    pgb = pg.bouncer("session", pool_size=6)
+    took = _handover(pg, pgb.url(pg.db_url), flag_name)
     assert took < 0.5, took
     assert not _warnings(caplog, "listen()")
 
@@ -302,13 +304,13 @@ def test_listen_through_session_pooling_hands_over_in_milliseconds(
 # -- (g) listen() is the default on PostgreSQL --------------------------------------------------
 
 
-def test_listen_is_on_by_default_and_listen_false_opts_out(db_url, engines, flag_name, caplog):
+def test_listen_is_on_by_default_and_listen_false_opts_out(pg, flag_name, caplog):
     def handover(listen: bool | None) -> float:
         name = f"{flag_name}-{listen}"
         made = []
 
         def build(process: str) -> sqlflag.Flag:
-            b = sqlflag.new_flag().handle(engines(db_url)).name(name).process(process)
+            b = sqlflag.new_flag().handle(pg.engine(pg.db_url)).name(name).process(process)
             b = b.interval(LEASE).timeout(0.3).jitter(0)
             if listen is not None:
                 b = b.listen(listen)
@@ -342,8 +344,8 @@ def _arun(main: Callable[[], Any], limit: float = 60) -> Any:
 
 
 @pytest.mark.parametrize("via", ["direct", "transaction"])
-def test_async_psycopg_never_prepares(db_url, bouncer, flag_name, via, caplog):
-    url = db_url if via == "direct" else bouncer("transaction").url(db_url)
+def test_async_psycopg_never_prepares(pg, flag_name, via, caplog):
+    url = pg.db_url if via == "direct" else pg.bouncer("transaction").url(pg.db_url)
     url = sa.make_url(url).set(drivername="postgresql+psycopg")
 
     async def main() -> None:
@@ -394,9 +396,9 @@ def _recipe() -> dict[str, Any]:
 
 @pytest.mark.parametrize("recipe", [False, True], ids=["plain", "sqlalchemy-recipe"])
 def test_asyncpg_through_transaction_pooling_is_refused_at_build(
-    db_url, bouncer, flag_name, recipe
+    pg, flag_name, recipe
 ):
-    url = bouncer("transaction").url(db_url, "asyncpg")
+    url = pg.bouncer("transaction").url(pg.db_url, "asyncpg")
 
     async def main() -> None:
         engine = create_async_engine(url, connect_args=_recipe() if recipe else {})
@@ -411,8 +413,8 @@ def test_asyncpg_through_transaction_pooling_is_refused_at_build(
     _arun(main)
 
 
-def test_asyncpg_through_session_pooling_elects_and_hands_over(db_url, bouncer, flag_name):
-    url = bouncer("session", pool_size=6).url(db_url, "asyncpg")
+def test_asyncpg_through_session_pooling_elects_and_hands_over(pg, flag_name):
+    url = pg.bouncer("session", pool_size=6).url(pg.db_url, "asyncpg")
 
     async def main() -> float:
         engines: list[AsyncEngine] = []

@@ -23,7 +23,7 @@ def binary() -> str:
         (p for p in ("/usr/sbin/pgbouncer", "/usr/bin/pgbouncer") if os.access(p, os.X_OK)), None
     )
     if found is None:
-        pytest.fail("pgbouncer is not installed (apt-get install -y pgbouncer); these tests need it")
+        pytest.fail("pgbouncer is not installed: apt-get install -y pgbouncer")
     return found
 
 
