@@ -168,6 +168,8 @@ class FlagCore:
         # higher token may be that statement's late success, not another instance.
         self._in_doubt: int | None = None
         self._last_token = -1  # the highest token seen in the row so far
+        self._doubt: int | None = None  # a token held under our name that may be ours...
+        self._doubt_since = 0.0  # ...first seen then
         self.closed = False
         metrics.bind(self)
 
@@ -353,15 +355,18 @@ class FlagCore:
                 self._seen(held)
                 return Report(transitions, 0.0)
             if held != self._warned_duplicate:
-                self._warned_duplicate = held
-                if self._in_doubt is not None and held > self._in_doubt:
+                ours = self._in_doubt is not None and held > self._in_doubt
+                if ours and self._doubt != held:
+                    self._doubt, self._doubt_since = held, t_done
                     self.log.info(
                         "flag %r: the lease is held under process name %r (token %d), most "
                         "likely by a check of ours that failed on the client side but "
                         "completed in the database; waiting until it expires",
                         s.name, s.process, held,
                     )
-                else:
+                elif not ours or t_done - self._doubt_since > s.interval * (1 + DRIFT):
+                    # Not ours, or renewed since (a late grant lasts one interval at most).
+                    self._warned_duplicate = held
                     self.log.warning(
                         "flag %r: another live instance with the same process name %r holds "
                         "the lease (token %d); this instance waits until it is released or "

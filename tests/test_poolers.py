@@ -443,3 +443,40 @@ def test_asyncpg_through_session_pooling_elects_and_hands_over(pg, flag_name):
                 await e.dispose()
 
     assert _arun(main) < 0.5  # listen() works through session pooling, asyncpg too
+
+
+def test_async_psycopg_one_round_trip_per_check_through_transaction_pooling(pg, flag_name):
+    """The async shell sends the same single message: one request burst per renewal, past
+    the 5th execution (where psycopg would otherwise prepare)."""
+    pgb = pg.bouncer("transaction")
+    proxy = TcpProxy("127.0.0.1", pgb.port)
+    url = sa.make_url(proxy.url(pgb.url(pg.db_url))).set(drivername="postgresql+psycopg")
+    starts: list[float] = []
+
+    async def main() -> float:
+        engine = create_async_engine(url)
+        sa.event.listen(
+            engine.sync_engine, "before_cursor_execute", lambda *_a: starts.append(now())
+        )
+        try:
+            flag = await (
+                sqlflag.new_flag().handle(engine).name(flag_name).process("a")
+                .interval(0.6).timeout(0.2).jitter(0).listen(False).build_async()
+            )
+            assert await flag.wait_raised(3)
+            t0 = now()
+            await asyncio.sleep(3)
+            assert flag.raised
+            await flag.close()
+            return t0
+        finally:
+            await engine.dispose()
+
+    try:
+        t0 = _arun(main)
+    finally:
+        proxy.close()
+    renewals = [t for t in starts if t >= t0]
+    assert len(renewals) >= 8
+    for a, b in itertools.pairwise(renewals):
+        assert proxy.bursts_between(a, b) == 1

@@ -21,6 +21,7 @@ from harness.proxy import Proxy
 from prometheus_client import CollectorRegistry
 from sqlalchemy.ext.asyncio import create_async_engine
 from test_async import async_url, run
+from workers.support import set_row
 
 import sqlflag
 
@@ -276,3 +277,32 @@ def test_a_late_renewal_of_our_own_is_not_another_instance(proxied, make_flag, c
     messages = [r.getMessage() for r in caplog.records]
     assert not [m for m in messages if "same process name" in m], messages
     assert [m for m in messages if f"renewal of tenure {token}" in m and "releasing" in m]
+
+
+@pytest.mark.dialects("postgresql")
+def test_a_late_acquisition_of_our_own_is_not_another_instance(
+    db_url, proxied, make_flag, flag_name, caplog
+):
+    """A follower's acquisition attempt is delayed past the client's bound and lands after
+    the other holder's lease ended: the database grants it a new token the follower never
+    hears about. The next check finds the lease under its own process name with a token it
+    could have been granted: logged as most likely its own, no duplicate-instance warning;
+    it waits for that lease to end and then takes a tenure of its own."""
+    caplog.set_level(logging.INFO, logger="sqlflag")
+    proxy, engine = proxied
+    direct = sa.create_engine(db_url)
+    try:
+        set_row(direct, flag_name, "other", 5, 1.0)
+        flag = make_flag("pod", handle=engine, interval=2.0, listen=False)
+        proxy.set_delay(1.2)  # its check just after "other"'s lease ends arrives 1.2 s late
+        time.sleep(2.4)
+        proxy.heal()
+        [row] = sqlflag.inspect(direct, flag_name)
+        assert row.holder == "pod" and row.token == 6 and not flag.raised
+        assert flag.wait_raised(4)
+        assert flag.token == 7
+    finally:
+        direct.dispose()
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "same process name" in m], messages
+    assert [m for m in messages if "(token 6), most likely by a check of ours" in m], messages
