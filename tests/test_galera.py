@@ -85,3 +85,95 @@ def test_a_lock_wait_timeout_stays_a_timeout(engine):
         assert classify(info.value) == "timeout"
         holder.rollback()
         waiter.rollback()
+
+
+# -- a real Galera cluster (opt-in: SQLFLAG_TEST_GALERA=1) ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def galera():
+    from workers.galera import Galera
+
+    cluster = Galera(2).start()
+    try:
+        admin = sa.create_engine(cluster.url(0), isolation_level="AUTOCOMMIT")
+        with admin.connect() as conn:
+            conn.exec_driver_sql("CREATE DATABASE sqlflag")
+        admin.dispose()
+        from sqlflag import _migrate
+
+        _migrate.upgrade(cluster.url(0, "sqlflag"))
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+@pytest.mark.galera
+def test_a_galera_certification_conflict_is_a_conflict(galera):
+    """Two nodes update the same row at once: the one certified second is rolled back with
+    1213, and sqlflag calls it a conflict."""
+    n0 = sa.create_engine(galera.url(0, "sqlflag"))
+    n1 = sa.create_engine(galera.url(1, "sqlflag"))
+    try:
+        with n0.begin() as conn:
+            conn.exec_driver_sql(
+                "CREATE TABLE IF NOT EXISTS cert_probe (id INT PRIMARY KEY, v INT)"
+            )
+            conn.exec_driver_sql("REPLACE INTO cert_probe VALUES (1, 0)")
+        with n0.connect() as a, n1.connect() as b:
+            a.exec_driver_sql("UPDATE cert_probe SET v = 1 WHERE id = 1")  # open on node 0
+            b.exec_driver_sql("UPDATE cert_probe SET v = 2 WHERE id = 1")
+            b.commit()  # certified first; node 0's transaction is aborted
+            with pytest.raises(sa.exc.OperationalError) as info:
+                a.exec_driver_sql("SELECT v FROM cert_probe WHERE id = 1")
+                a.commit()
+            a.rollback()
+        assert info.value.orig.args[0] == 1213, info.value.orig.args
+        assert classify(info.value) == "conflict"
+    finally:
+        n0.dispose()
+        n1.dispose()
+
+
+@pytest.mark.galera
+def test_flags_on_two_galera_nodes(galera, flag_name):
+    """Four contenders, two per node, hand over twice: never two raised, tokens increase,
+    and every failed check is a conflict or a timeout, never a generic database error."""
+    import time
+
+    from prometheus_client import CollectorRegistry
+    from workers.support import Sampler, wait_for
+
+    import sqlflag
+
+    registry = CollectorRegistry()
+    engines = [sa.create_engine(galera.url(i % 2, "sqlflag")) for i in range(4)]
+    flags = [
+        sqlflag.new_flag().handle(e).name(flag_name).process(f"p{i}").interval(1).timeout(0.3)
+        .jitter(0).metrics_registerer(registry).metrics_subsystem("g").build()
+        for i, e in enumerate(engines)
+    ]
+    live = list(flags)
+    try:
+        tokens = []
+        with Sampler(flags) as sampler:
+            for _ in range(3):
+                assert wait_for(lambda: any(f.raised for f in live), 5)
+                time.sleep(1.0)
+                leader = next(f for f in live if f.raised)
+                tokens.append(leader.token)
+                leader.close()
+                live.remove(leader)
+        assert not sampler.overlaps()
+        assert tokens == sorted(tokens) and len(set(tokens)) == 3, tokens
+        kinds = {
+            s.labels["kind"]: s.value for m in registry.collect() for s in m.samples
+            if s.name.endswith("errors_total")
+        }
+        print(f"galera: failed checks by kind {kinds}")
+        assert set(kinds) <= {"conflict", "timeout"}, kinds
+    finally:
+        for f in flags:
+            f.close()
+        for e in engines:
+            e.dispose()
