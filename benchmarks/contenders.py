@@ -167,7 +167,9 @@ def _mithril_backend(engine: sa.Engine) -> Any:
 def sqlflag_builder(
     contender: str, engine: sa.Engine, name: str, process: str, interval: float
 ) -> Any:
-    """sqlflag's builder as both sqlflag rows use it (``sqlflag-listen`` adds ``listen()``)."""
+    """sqlflag's builder as both sqlflag rows use it: ``sqlflag`` with ``listen(False)`` (the
+    regular checks alone; ``listen()`` is the default on PostgreSQL), ``sqlflag-listen`` with
+    ``listen()``."""
     import sqlflag
 
     builder = (
@@ -178,7 +180,7 @@ def sqlflag_builder(
         .interval(interval)
         .timeout(min(1.0, interval / 4))
     )
-    return builder.listen() if contender == "sqlflag-listen" else builder
+    return builder.listen(contender == "sqlflag-listen")
 
 
 class Elector:

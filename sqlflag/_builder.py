@@ -89,7 +89,7 @@ class FlagBuilder:
         self._on_raised: list[Any] = []
         self._on_lowered: list[Any] = []
         self._create_table = False
-        self._listen = False
+        self._listen = True
         self._schema: Any = None
 
     def handle(self, value: sa.Engine | AsyncEngine) -> Self:
@@ -159,8 +159,14 @@ class FlagBuilder:
 
     def listen(self, value: bool = True) -> Self:
         """PostgreSQL: LISTEN for releases, so a follower takes over within milliseconds of
-        the holder's close() instead of at its next check. Costs one more connection per
-        engine; a no-op on other databases."""
+        the holder's close() instead of at its next check. On by default; ``listen(False)``
+        opts out. Costs one more connection per engine. The listener first checks that a
+        notification sent to it arrives; where none can (a transaction pooler) it warns
+        once and the flags keep to their regular checks. A no-op on other databases.
+
+        Args:
+            value: True (the default) to listen, False to rely on regular checks only.
+        """
         self._listen = value
         return self
 
@@ -282,6 +288,8 @@ class FlagBuilder:
         from ._async import AsyncFlag, AsyncScheduler
 
         ops = self._dialect(engine.url, engine.dialect)
+        if ops.name == "postgresql" and engine.dialect.driver == "asyncpg":
+            await _refuse_asyncpg_behind_transaction_pooler(engine)
         schema: str | None = self._schema
         async with engine.connect() as conn:
             await conn.execution_options(**schema_options(schema))
@@ -301,6 +309,35 @@ class FlagBuilder:
             flag._scheduler.listen()
         flag._scheduler.add(flag)
         return flag
+
+
+#: AsyncEngines on asyncpg found not to go through a transaction pooler.
+_asyncpg_ok: weakref.WeakSet[AsyncEngine] = weakref.WeakSet()
+ASYNCPG_PROBE_WAIT = 5.0
+
+
+async def _refuse_asyncpg_behind_transaction_pooler(engine: AsyncEngine) -> None:
+    """asyncpg needs a session of its own: SQLAlchemy's adapter prepares every statement
+    (two round trips, the second one possibly on another backend) and its timeouts are
+    session settings, which a transaction pooler would lend to other clients."""
+    if engine in _asyncpg_ok:
+        return
+    from ._pooler import engine_transaction_pooled
+
+    if await engine_transaction_pooled(engine, ASYNCPG_PROBE_WAIT):
+        raise ConfigurationError(
+            f"handle {_url(engine)} uses asyncpg through a transaction pooler (PgBouncer "
+            "pool_mode=transaction, or a cloud pooler in transaction mode): asyncpg prepares "
+            "every statement and sqlflag would bound it with session settings, which such a "
+            "pooler lends to other clients. Use the psycopg driver for sqlflag's engine "
+            "(postgresql+psycopg://..., with create_async_engine too), or point it at "
+            "PostgreSQL directly or at a session-mode pool"
+        )
+    _asyncpg_ok.add(engine)
+
+
+def _url(engine: sa.Engine | AsyncEngine) -> str:
+    return engine.url.render_as_string(hide_password=True)
 
 
 #: Engines (and schemas on them) whose table build() has found complete: later builds skip

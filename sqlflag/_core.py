@@ -101,6 +101,8 @@ def classify(exc: BaseException) -> str:
             return "timeout"
         if code in (1927, 2002, 2003, 2006, 2013, 2055):
             return "connection"
+        if code == 1213:  # deadlock; on Galera also a certification conflict with another node
+            return "conflict"
         return "database"
     sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
     if isinstance(sqlstate, str):
@@ -163,6 +165,13 @@ class FlagCore:
         self._need_row = False
         self._check_alone = False  # a batch did not confirm our renewal: next, a check of our own
         self._warned_duplicate: int | None = None
+        # A statement failed on the client side but may still have run in the database: the
+        # highest token known when it was sent. A later lease under our process name with a
+        # higher token may be that statement's late success, not another instance.
+        self._in_doubt: int | None = None
+        self._last_token = -1  # the highest token seen in the row so far
+        self._doubt: int | None = None  # a token held under our name that may be ours...
+        self._doubt_since = 0.0  # ...first seen then
         self.closed = False
         metrics.bind(self)
 
@@ -283,14 +292,17 @@ class FlagCore:
         if step.kind == "ensure":
             self._need_row = False
             return Report([], 0.0)
+        delay = self._jittered(self.settings.interval / 2)
         if step.kind == "release":
             if self._to_release == step.token:
                 self._to_release = None
+                if not self.closed and self._precheck_ok:
+                    delay = 0.0  # gave back a late success of ours: compete again at once
             self.log.info(
                 "flag %r: process %r released tenure %s",
                 self.settings.name, self.settings.process, step.token,
             )
-        return Report([], self._jittered(self.settings.interval / 2))
+        return Report([], delay)
 
     def _checked(self, t_sent: float, t_done: float, outcome: Outcome) -> Report:
         s = self.settings
@@ -300,6 +312,8 @@ class FlagCore:
         if outcome.won:
             token = outcome.token
             assert token is not None
+            self._seen(token)
+            self._in_doubt = None
             late = t_sent + s.lease <= t_done
             if token == self._abandoned or self.closed or late:
                 # A renewal that outlived the local deadline came back: we hold a tenure we
@@ -332,17 +346,41 @@ class FlagCore:
             self.log.warning("flag %r: its row is missing; inserting it again", s.name)
             self._need_row = True
             return Report(transitions, 0.0)
-        if (
-            outcome.holder == s.process
-            and outcome.holder_token is not None
-            and outcome.holder_token != self._warned_duplicate
-        ):
-            self._warned_duplicate = outcome.holder_token
-            self.log.warning(
-                "flag %r: another live instance with the same process name %r holds the lease "
-                "(token %d); this instance waits until it is released or expires",
-                s.name, s.process, outcome.holder_token,
-            )
+        held = outcome.holder_token
+        if outcome.holder == s.process and held is not None:
+            if held == self._abandoned:
+                # Our own tenure, renewed by a statement we had given up on (it reached the
+                # database after all). We announced it lowered: give it back, do not raise it.
+                self.log.info(
+                    "flag %r: a renewal of tenure %d that process %r gave up on completed "
+                    "after all; releasing it", s.name, held, s.process,
+                )
+                self._to_release = held
+                self._seen(held)
+                return Report(transitions, 0.0)
+            if held != self._warned_duplicate:
+                ours = self._in_doubt is not None and held > self._in_doubt
+                if ours and self._doubt != held:
+                    self._doubt, self._doubt_since = held, t_done
+                    self.log.info(
+                        "flag %r: the lease is held under process name %r (token %d), most "
+                        "likely by a check of ours that failed on the client side but "
+                        "completed in the database; waiting until it expires",
+                        s.name, s.process, held,
+                    )
+                elif not ours or t_done - self._doubt_since > s.interval * (1 + DRIFT):
+                    # Not ours, or renewed since (a late grant lasts one interval at most).
+                    self._warned_duplicate = held
+                    self.log.warning(
+                        "flag %r: another live instance with the same process name %r holds "
+                        "the lease (token %d); this instance waits until it is released or "
+                        "expires",
+                        s.name, s.process, held,
+                    )
+        elif outcome.holder is not None:
+            self._in_doubt = None  # someone else's lease: any late statement of ours lost
+        if held is not None:
+            self._seen(held)
         delay = self._jittered(s.interval / 2)
         if outcome.lease_left is not None:
             # Wake just after the current lease ends, by the database clock (plus drift).
@@ -352,6 +390,8 @@ class FlagCore:
     def _failed(self, now: float, error: BaseException) -> Report:
         s = self.settings
         kind = classify(error)
+        if self._in_doubt is None:
+            self._in_doubt = self._last_token
         self._failures += 1
         self.metrics.error(kind)
         delay = self._jittered(s.interval / 10)
@@ -374,9 +414,14 @@ class FlagCore:
         self._error_kind = None
         self._failures = 0
 
+    def _seen(self, token: int) -> None:
+        self._last_token = max(self._last_token, token)
+
     def observe_row(self, holder: str | None, token: int | None, left: float | None) -> None:
         """At build: warn when a live instance with our process name already holds the flag."""
         s = self.settings
+        if token is not None:
+            self._seen(token)
         if holder == s.process and token is not None and left is not None and left > 0:
             self._warned_duplicate = token
             self.log.warning(

@@ -1,9 +1,17 @@
 """PostgreSQL LISTEN/NOTIFY wake-ups: a follower takes over right after the holder's close().
 
 A release notifies ``sqlflag_released`` with the flag's name in the same statement. With
-``builder.listen()``, each scheduler keeps one more connection that LISTENs on it and moves the
-check of every lowered flag of that name to now. Only a shortcut: without it (or when the
-listening connection is down) a follower still takes over at its next regular check.
+``builder.listen()`` (the default on PostgreSQL), each scheduler keeps one more connection that
+LISTENs on it and moves the check of every lowered flag of that name to now. Only a shortcut:
+without it (or when the listening connection is down) a follower still takes over at its next
+regular check.
+
+Before it LISTENs, the listener checks that notifications can reach it: through a transaction
+pooler a LISTEN succeeds but lands on a server connection that is lent to other clients
+afterwards, and nothing is ever delivered. The self-test first runs the pooler probe of
+:mod:`sqlflag._pooler` (which changes no session), then LISTENs on a channel of its own and has
+a second connection NOTIFY it. If either fails, it warns once and stops: the flags keep to
+their regular checks.
 """
 
 from __future__ import annotations
@@ -12,14 +20,33 @@ import asyncio
 import contextlib
 import logging
 import threading
+import uuid
 from collections.abc import Callable
 from typing import Any
 
 import sqlalchemy as sa
-from sqlalchemy.ext.asyncio import AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+
+from ._pooler import PID_SQL, key_pid, pooled_error, transaction_pooled, transaction_pooled_async
 
 log = logging.getLogger("sqlflag")
 RETRY = 1.0  # seconds between attempts to (re)connect the listening connection
+PROBE_WAIT = 2.0  # seconds the self-test waits for its own notification
+UNDELIVERED = (
+    "sqlflag: listen() is off: notifications cannot reach this process: %s. Followers take "
+    "over at their next regular check instead, up to interval/2 after a release. For "
+    "millisecond handovers, give sqlflag an engine that connects to PostgreSQL directly or "
+    "through session pooling; build with listen(False) to silence this"
+)
+POOLED = (
+    "its connection goes through a transaction pooler (PgBouncer pool_mode=transaction, or a "
+    "cloud pooler in transaction mode), where a LISTEN stays behind on a server connection "
+    "lent to other clients"
+)
+
+
+def _probe_channel() -> str:
+    return f"sqlflag_probe_{uuid.uuid4().hex}"
 
 
 class Listener:
@@ -31,6 +58,8 @@ class Listener:
         self._wake = wake
         self._stop = threading.Event()
         self.ready = threading.Event()
+        #: Why notifications cannot arrive (set when the self-test failed and it stopped).
+        self.unavailable: str | None = None
         self.thread = threading.Thread(target=self._run, name="sqlflag-listen", daemon=True)
         self.thread.start()
 
@@ -53,6 +82,12 @@ class Listener:
                     return
                 conn.rollback()
                 conn.autocommit = True
+                conn.prepare_threshold = None  # never returned to the pool (see finally)
+                problem = self._self_test(conn)
+                if problem is not None:
+                    log.warning(UNDELIVERED, problem)
+                    self.unavailable = problem
+                    return
                 conn.execute(f"LISTEN {self._channel}")
                 if failed:
                     log.info("sqlflag: listening for releases again")
@@ -72,6 +107,37 @@ class Listener:
                     with contextlib.suppress(Exception):
                         raw.invalidate()  # never return a LISTENing connection to the pool
 
+    def _self_test(self, conn: Any) -> str | None:
+        """None if a notification reaches ``conn``; else what went wrong."""
+        with self._engine.connect() as other:
+
+            def pid() -> int:
+                return int(conn.execute(PID_SQL).fetchone()[0])
+
+            def other_pid() -> int:
+                value = other.exec_driver_sql(PID_SQL).scalar_one()
+                other.rollback()
+                return int(value)
+
+            if transaction_pooled(key_pid(conn), pid, other_pid):
+                return POOLED
+            probe = _probe_channel()
+            conn.execute(f"LISTEN {probe}")
+            other.execute(sa.text("SELECT pg_notify(:c, '')"), {"c": probe})
+            other.commit()
+            arrived = any(
+                n.channel == probe for n in conn.notifies(timeout=PROBE_WAIT, stop_after=1)
+            )
+            # UNLISTEN *: if the LISTEN went to a lent server connection, this one most
+            # likely goes to the same (poolers hand out the last one returned first).
+            conn.execute("UNLISTEN *")
+        if not arrived:
+            return (
+                f"a notification sent to it did not arrive within {PROBE_WAIT:g} s (a "
+                "transaction pooler?)"
+            )
+        return None
+
 
 class AsyncListener:
     """The same for an AsyncEngine (asyncpg or async psycopg), as a task."""
@@ -82,6 +148,7 @@ class AsyncListener:
         self._wake = wake
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
+        self.unavailable: str | None = None
         self.task = asyncio.get_running_loop().create_task(self._run(), name="sqlflag-listen")
 
     def stop(self) -> None:
@@ -95,6 +162,15 @@ class AsyncListener:
                 conn = await self._engine.connect()
                 raw = await conn.get_raw_connection()
                 driver: Any = raw.driver_connection
+                if hasattr(driver, "add_listener") or hasattr(driver, "notifies"):
+                    if hasattr(driver, "notifies"):
+                        await conn.commit()
+                        await driver.set_autocommit(True)
+                    problem = await self._self_test(conn, driver)
+                    if problem is not None:
+                        log.warning(UNDELIVERED, problem)
+                        self.unavailable = problem
+                        return
                 if hasattr(driver, "add_listener"):  # asyncpg
                     await driver.add_listener(
                         self._channel, lambda _c, _pid, _ch, payload: self._wake(payload)
@@ -104,8 +180,6 @@ class AsyncListener:
                         with contextlib.suppress(TimeoutError):
                             await asyncio.wait_for(self._stop.wait(), 1.0)
                 elif hasattr(driver, "notifies"):  # psycopg AsyncConnection
-                    await conn.commit()
-                    await driver.set_autocommit(True)
                     await driver.execute(f"LISTEN {self._channel}")
                     failed = self._ready(failed)
                     while not self._stop.is_set():
@@ -129,6 +203,56 @@ class AsyncListener:
                     with contextlib.suppress(Exception):
                         await conn.invalidate()
                         await conn.close()
+
+    async def _self_test(self, conn: AsyncConnection, driver: Any) -> str | None:
+        """None if a notification reaches ``driver``; else what went wrong."""
+        asyncpg = hasattr(driver, "add_listener")
+
+        async def pid() -> int:
+            if asyncpg:
+                return int(await driver.fetchval(PID_SQL))
+            return int((await (await driver.execute(PID_SQL, prepare=False)).fetchone())[0])
+
+        probe = _probe_channel()
+        arrived = asyncio.Event()
+        async with self._engine.connect() as other:
+
+            async def other_pid() -> int:
+                value = (await other.exec_driver_sql(PID_SQL)).scalar_one()
+                await other.rollback()
+                return int(value)
+
+            try:
+                if await transaction_pooled_async(key_pid(driver), pid, other_pid):
+                    return POOLED
+            except Exception as exc:
+                if pooled_error(exc):
+                    return POOLED
+                raise
+            def heard(*_args: Any) -> None:
+                arrived.set()
+
+            if asyncpg:
+                await driver.add_listener(probe, heard)
+            else:
+                await driver.execute(f"LISTEN {probe}")
+            await other.execute(sa.text("SELECT pg_notify(:c, '')"), {"c": probe})
+            await other.commit()
+            if asyncpg:
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(arrived.wait(), PROBE_WAIT)
+                await driver.remove_listener(probe, heard)
+            else:
+                async for note in driver.notifies(timeout=PROBE_WAIT, stop_after=1):
+                    if note.channel == probe:
+                        arrived.set()
+                await driver.execute("UNLISTEN *")
+        if not arrived.is_set():
+            return (
+                f"a notification sent to it did not arrive within {PROBE_WAIT:g} s (a "
+                "transaction pooler?)"
+            )
+        return None
 
     def _ready(self, failed: bool) -> bool:
         if failed:

@@ -105,7 +105,8 @@ class _Families:
         self.errors = make(
             Counter,
             "leadership_flag_errors",
-            "Failed statements, by kind: timeout, connection, database, invalid_row, other.",
+            "Failed statements, by kind: timeout, connection, conflict, database, invalid_row, "
+            "other.",
             (*LABELS, "kind"),
         )
         self.latency = make(

@@ -429,11 +429,12 @@ def test_one_statement_per_check(db_url, flag_name):
             assert 2 <= phase(t0, now()) <= 5  # follower checks, every interval/2
             t1 = now()
             await holder.close()
-            t2 = now()
             assert await flag.wait_raised(INTERVAL / 2 + SLACK)
             await asyncio.sleep(0.05)
-            assert phase(t2, now()) == 1  # the acquisition
-            assert phase(t1, t2) <= 1
+            # The acquisition (woken by the release's NOTIFY, listen() being the default on
+            # PostgreSQL, it may come before close() returns), after at most one follower
+            # check sent while the holder released.
+            assert 1 <= phase(t1, now()) <= 2
             t3 = now()
             await asyncio.sleep(1.6)
             assert 2 <= phase(t3, now()) <= 5  # renewals

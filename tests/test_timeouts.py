@@ -21,6 +21,7 @@ from harness.proxy import Proxy
 from prometheus_client import CollectorRegistry
 from sqlalchemy.ext.asyncio import create_async_engine
 from test_async import async_url, run
+from workers.support import set_row
 
 import sqlflag
 
@@ -247,3 +248,61 @@ def test_async_statement_on_a_silent_network_gives_up_and_says_so(
         "no answer from the database within" in m or "connecting to the database took" in m
         for m in said
     ), said
+
+
+@pytest.mark.dialects("postgresql")
+def test_a_late_renewal_of_our_own_is_not_another_instance(proxied, make_flag, caplog):
+    """The network delays a renewal past the client's bound (0.5 s): the client gives up, the
+    flag lowers by its deadline, but the renewal reaches the database later and commits. The
+    next check finds the lease held under our own process name with the tenure we abandoned:
+    a late success of our own, not a duplicate instance. It is given back at once (never
+    raised again with that token) and the flag takes a new tenure before the ghost lease
+    would have run out."""
+    caplog.set_level(logging.INFO, logger="sqlflag")
+    proxy, engine = proxied
+    interval = 4.0
+    flag = make_flag("pod", handle=engine, interval=interval, listen=False)
+    assert flag.wait_raised(5)
+    token = flag.token
+    time.sleep(0.3)
+    proxy.set_delay(1.2)  # the renewal due in ~1.7 s arrives ~1.2 s late, the lease still valid
+    assert flag.wait_lowered(interval + 1)  # its local deadline passed
+    lowered = time.monotonic()
+    time.sleep(0.3)
+    proxy.heal()
+    assert flag.wait_raised(interval)
+    assert flag.token == token + 1
+    # The ghost renewal extended the lease to ~interval after it landed; the release ended it.
+    assert time.monotonic() - lowered < interval - 1.0
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "same process name" in m], messages
+    assert [m for m in messages if f"renewal of tenure {token}" in m and "releasing" in m]
+
+
+@pytest.mark.dialects("postgresql")
+def test_a_late_acquisition_of_our_own_is_not_another_instance(
+    db_url, proxied, make_flag, flag_name, caplog
+):
+    """A follower's acquisition attempt is delayed past the client's bound and lands after
+    the other holder's lease ended: the database grants it a new token the follower never
+    hears about. The next check finds the lease under its own process name with a token it
+    could have been granted: logged as most likely its own, no duplicate-instance warning;
+    it waits for that lease to end and then takes a tenure of its own."""
+    caplog.set_level(logging.INFO, logger="sqlflag")
+    proxy, engine = proxied
+    direct = sa.create_engine(db_url)
+    try:
+        set_row(direct, flag_name, "other", 5, 1.0)
+        flag = make_flag("pod", handle=engine, interval=2.0, listen=False)
+        proxy.set_delay(1.2)  # its check just after "other"'s lease ends arrives 1.2 s late
+        time.sleep(2.4)
+        proxy.heal()
+        [row] = sqlflag.inspect(direct, flag_name)
+        assert row.holder == "pod" and row.token == 6 and not flag.raised
+        assert flag.wait_raised(4)
+        assert flag.token == 7
+    finally:
+        direct.dispose()
+    messages = [r.getMessage() for r in caplog.records]
+    assert not [m for m in messages if "same process name" in m], messages
+    assert [m for m in messages if "(token 6), most likely by a check of ours" in m], messages

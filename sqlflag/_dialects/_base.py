@@ -207,7 +207,8 @@ class Dialect(abc.ABC):
         stuck on a lock, but not one whose network or server stopped answering; after this
         hook such a statement fails within :func:`client_bound` ``(timeout)`` seconds.
         It also installs what the check itself needs on the connection (SQLite's report
-        function). Default: nothing (drivers without sockets, or with their own bound).
+        function; on PostgreSQL the per-statement server-side bounds, see ``_pgbound``).
+        Default: nothing (drivers without sockets, or with their own bound).
         """
         return
 

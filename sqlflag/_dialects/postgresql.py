@@ -182,21 +182,46 @@ class PostgreSQL(Dialect):
         return {}
 
     def configure_dbapi(self, dbapi_connection: Any, timeout: float) -> None:
-        # psycopg prepares a statement on its 5th execution and waits for the Parse reply
-        # first: one more round trip. The statements are tiny; never prepare them.
-        if hasattr(dbapi_connection, "prepare_threshold"):
-            dbapi_connection.prepare_threshold = None
+        # SQLAlchemy's async drivers come wrapped in an adapter: the psycopg (or asyncpg)
+        # connection is its ``driver_connection``.
+        driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+        if type(driver).__module__.startswith("psycopg") and hasattr(driver, "cursor_factory"):
+            # Every statement bounds itself (SET LOCAL in the same message, see _pgbound):
+            # no session-level SET that a transaction pooler would hand to other clients.
+            # Client-side binding never prepares; prepare_threshold=None covers the rest
+            # (psycopg prepares on the 5th execution: one more round trip, and through a
+            # transaction pooler "prepared statement _pg3_N does not exist").
+            from ._pgbound import cursor_class
+
+            driver.prepare_threshold = None
+            driver.cursor_factory = cursor_class(
+                inspect.iscoroutinefunction(driver.execute), timeout
+            )
+        else:
+            # asyncpg (and others): bounded by session settings. Through a transaction
+            # pooler these would leak to other clients; build_async() refuses asyncpg there.
+            cursor = dbapi_connection.cursor()
+            try:
+                for sql in self.session_bounds(timeout):
+                    cursor.execute(sql)
+            finally:
+                cursor.close()
         # psycopg 3 (sync): its waits have no bound of their own. asyncpg and the async
         # psycopg connection are bounded by the async shell (asyncio timeouts) instead.
-        wait = getattr(dbapi_connection, "wait", None)
+        wait = getattr(driver, "wait", None)
         if (
-            type(dbapi_connection).__module__.startswith("psycopg")
-            and hasattr(dbapi_connection, "pgconn")
+            type(driver).__module__.startswith("psycopg")
+            and hasattr(driver, "pgconn")
             and callable(wait)
             and not inspect.iscoroutinefunction(wait)
         ):
-            bound_psycopg(dbapi_connection, client_bound(timeout))
+            bound_psycopg(driver, client_bound(timeout))
 
-    def session_setup(self, timeout: float, server_info: str) -> list[str]:
+    def session_bounds(self, timeout: float) -> list[str]:
+        """Session-level bounds, for drivers that cannot bound each statement (asyncpg)."""
         ms = max(1, math.ceil(timeout * 1000))
         return [f"SET statement_timeout = {ms}", f"SET lock_timeout = {ms}"]
+
+    def session_setup(self, timeout: float, server_info: str) -> list[str]:
+        # Nothing: configure_dbapi() bounds each statement (psycopg) or the session (others).
+        return []

@@ -478,12 +478,6 @@ def test_duplicate_seen_at_build_is_not_warned_again_by_the_loop(
     assert duplicates() == 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="bug: our own abandoned tenure (renewal that failed on the client but committed, "
-    "or a precheck release that failed) is reported as 'another live instance with the "
-    "same process name'",
-)
 def test_our_own_abandoned_tenure_is_not_reported_as_a_duplicate(
     make_core: Make, run: Run, acquire: Run, unit_log: pytest.LogCaptureFixture
 ) -> None:
