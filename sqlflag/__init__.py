@@ -2,6 +2,7 @@
 
 from ._async import AsyncFlag
 from ._builder import FlagBuilder, new_flag
+from ._core import Health
 from ._errors import ConfigurationError, SchemaError, SqlflagError
 from ._inspect import FlagState, inspect, inspect_async
 from ._schema import metadata, table
@@ -13,6 +14,7 @@ __all__ = [
     "Flag",
     "FlagBuilder",
     "FlagState",
+    "Health",
     "SchemaError",
     "SqlflagError",
     "inspect",

@@ -31,6 +31,7 @@ class Listener:
         self._wake = wake
         self._stop = threading.Event()
         self.ready = threading.Event()
+        self.connection: Any = None  # the listening connection (a child after fork blinds it)
         self.thread = threading.Thread(target=self._run, name="sqlflag-listen", daemon=True)
         self.thread.start()
 
@@ -42,7 +43,7 @@ class Listener:
         while not self._stop.is_set():
             raw: Any = None
             try:
-                raw = self._engine.raw_connection()
+                raw = self.connection = self._engine.raw_connection()
                 conn = raw.driver_connection
                 if not hasattr(conn, "notifies"):
                     log.warning(
@@ -82,6 +83,7 @@ class AsyncListener:
         self._wake = wake
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
+        self.connection: Any = None  # the listening connection (a child after fork blinds it)
         self.task = asyncio.get_running_loop().create_task(self._run(), name="sqlflag-listen")
 
     def stop(self) -> None:
@@ -92,7 +94,7 @@ class AsyncListener:
         while not self._stop.is_set():
             conn = None
             try:
-                conn = await self._engine.connect()
+                conn = self.connection = await self._engine.connect()
                 raw = await conn.get_raw_connection()
                 driver: Any = raw.driver_connection
                 if hasattr(driver, "add_listener"):  # asyncpg

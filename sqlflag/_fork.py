@@ -1,0 +1,86 @@
+"""What a child process does with the flags and connections it inherited through fork().
+
+A flag built before ``fork()`` belongs to the parent: the parent keeps its threads, its
+lease and its database connections. In the child, the shells' ``register_at_fork`` hooks make
+every inherited flag inert and hand the inherited schedulers to :func:`abandon`, which keeps
+them referenced for the rest of the child's life (so no finalizer ever closes or resets their
+connections from the child) and *blinds* their sockets: the child's file descriptor is
+replaced by one end of a dead socket pair (``dup2``), so whatever the child's copy of a driver
+might still send (PostgreSQL's Terminate message, MySQL's COM_QUIT, a ROLLBACK from a pool
+reset, an epoll change on an inherited event loop) goes nowhere. The parent's descriptor, and
+its session on the server, are untouched.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import stat
+from typing import Any
+
+#: Schedulers inherited through fork(), kept alive (never finalized) in this child.
+_abandoned: list[Any] = []
+
+
+def abandon(owner: Any, connections: list[Any]) -> None:
+    """Keep ``owner`` (an inherited scheduler) alive and blind its ``connections``' sockets.
+
+    ``connections`` holds driver-level connections (psycopg, PyMySQL, asyncpg, aiomysql, or
+    SQLAlchemy's adapters around them); sqlite3 connections have no socket and are only kept.
+    """
+    _abandoned.append(owner)
+    for conn in connections:
+        fd = socket_fd(conn)
+        if fd is not None:
+            _blind(fd)
+
+
+def dbapi_of(conn: Any) -> Any:
+    """The DB-API connection under a SQLAlchemy (Async)Connection, without reconnecting."""
+    conn = getattr(conn, "sync_connection", conn)  # AsyncConnection
+    fairy = getattr(conn, "_dbapi_connection", None)
+    return getattr(fairy, "dbapi_connection", None)
+
+
+def socket_fd(conn: Any) -> int | None:
+    """The socket file descriptor of a driver connection, or None if it has none (open)."""
+    for _ in range(4):  # SQLAlchemy's adapters wrap the driver's connection
+        if conn is None:
+            return None
+        fd = _fd_of(conn)
+        if fd is not None:
+            return fd
+        conn = getattr(conn, "driver_connection", None) or getattr(conn, "_connection", None)
+    return None
+
+
+def _fd_of(conn: Any) -> int | None:
+    candidates: list[Any] = []
+    pgconn = getattr(conn, "pgconn", None)  # psycopg 3 (sync and async)
+    if pgconn is not None:
+        candidates.append(lambda: pgconn.socket)
+    sock = getattr(conn, "_sock", None)  # PyMySQL
+    if sock is not None:
+        candidates.append(sock.fileno)
+    for attr in ("_transport", "_writer"):  # asyncpg, aiomysql
+        transport = getattr(conn, attr, None)
+        transport = getattr(transport, "transport", transport)
+        if transport is not None and hasattr(transport, "get_extra_info"):
+            candidates.append(lambda t=transport: t.get_extra_info("socket").fileno())
+    for get in candidates:
+        with contextlib.suppress(Exception):
+            fd = int(get())
+            if fd >= 0 and stat.S_ISSOCK(os.fstat(fd).st_mode):
+                return fd
+    return None
+
+
+def _blind(fd: int) -> None:
+    """Point this process's ``fd`` at a socket whose peer is closed (writes fail, reads end)."""
+    mine, peer = socket.socketpair()
+    peer.close()
+    try:
+        os.dup2(mine.fileno(), fd)
+    finally:
+        mine.close()
