@@ -11,6 +11,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from workers.support import SqliteLock, TcpProxy
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -61,6 +63,17 @@ def get(port: int) -> dict[str, Any] | None:
     try:
         with urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=2) as response:
             return json.loads(response.read())  # type: ignore[no-any-return]
+    except OSError:
+        return None
+
+
+def healthz(port: int) -> tuple[int, dict[str, Any]] | None:
+    """``GET /healthz``: the status code and the JSON body (None while not serving)."""
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/healthz", timeout=2) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
     except OSError:
         return None
 
@@ -121,6 +134,89 @@ def test_starlette_job_runs_on_the_leader_only(instances: dict[str, Any]) -> Non
     assert "with token" not in instances[other]["out"].read_text().split(
         f"with token {first_token + 1}"
     )[0], "the follower ran the job before it led"
+
+
+def test_starlette_healthz_goes_bad_when_the_database_is_unreachable_and_recovers(
+    db_url: str, dialect: str, flag_name: str, tmp_path: Path
+) -> None:
+    """/healthz (examples/starlette_app.py) reads flag.health: 200 while the flag's checks
+    reach the database, 503 once the last success is over an interval old, 200 again after.
+    Servers: the app reaches the database through a TCP proxy that cuts every connection and
+    refuses new ones. SQLite: another connection holds an exclusive lock on the file."""
+    proxy = lock = None
+    url = async_url(db_url)
+    if dialect == "sqlite":
+        lock = SqliteLock(db_url)
+    else:
+        u = sa.make_url(db_url)
+        assert u.host and u.port
+        proxy = TcpProxy(u.host, u.port)
+        url = proxy.url(url)
+    port = free_port()
+    out = tmp_path / "web.out"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "uvicorn", "starlette_app:app", "--app-dir", str(EXAMPLES),
+         "--host", "127.0.0.1", "--port", str(port)],
+        cwd=tmp_path,
+        env=env(SQLFLAG_URL=url, FLAG_NAME=flag_name, SQLFLAG_PROCESS="web", FLAG_INTERVAL="1",
+                JOB_EVERY="0.1"),
+        stdout=open(out, "w"),  # noqa: SIM115
+        stderr=subprocess.STDOUT,
+    )
+
+    def wait_health(code: int, seconds: float) -> dict[str, Any]:
+        deadline = time.monotonic() + seconds
+        while True:
+            assert proc.poll() is None, out.read_text()
+            answer = healthz(port)
+            if answer is not None and answer[0] == code:
+                return answer[1]
+            assert time.monotonic() < deadline, (code, answer, out.read_text())
+            time.sleep(0.05)
+
+    try:
+        body = wait_health(200, 30)
+        assert body["healthy"] and body["consecutive_failures"] == 0
+        assert body["seconds_since_success"] < 1.0
+        # The database becomes unreachable: 503 within about an interval, saying why.
+        if lock is not None:
+            lock.acquire()
+        else:
+            assert proxy is not None
+            proxy.cut()
+        t = time.monotonic()
+        body = wait_health(503, 10)
+        went_bad = time.monotonic() - t
+        assert 0.5 < went_bad < 3.0, went_bad
+        assert not body["healthy"] and not body["leader"]
+        assert body["seconds_since_success"] > 1.0
+        assert body["consecutive_failures"] >= 1
+        assert body["last_error_kind"] in ("connection", "timeout"), body
+        assert body["last_error"]
+        # Reachable again: healthy at the next retry (interval / 10), leading again.
+        if lock is not None:
+            lock.release()
+        else:
+            assert proxy is not None
+            proxy.restore()
+        body = wait_health(200, 10)
+        assert body["consecutive_failures"] == 0 and body["seconds_since_success"] < 1.0
+        assert body["last_error_kind"] in ("connection", "timeout")  # kept after recovery
+        deadline = time.monotonic() + 10
+        while not (body := wait_health(200, 10))["leader"]:
+            assert time.monotonic() < deadline, body
+            time.sleep(0.05)
+    finally:
+        if lock is not None:
+            lock.close()
+        if proxy is not None:
+            proxy.close()
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
 
 
 # --------------------------------------------------------------------------- fenced job
