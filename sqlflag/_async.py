@@ -190,7 +190,8 @@ class AsyncScheduler:
             error: BaseException | None = None
             names: set[str] = set()
             try:
-                result = await self._send(batch.statement, batch.params)
+                with _fork.quiet.statement():  # a fork() waits for the answer
+                    result = await self._send(batch.statement, batch.params)
                 names = _batch.renewed(self.dialect, batch, result)
                 result.close()
             except Exception as exc:
@@ -227,7 +228,8 @@ class AsyncScheduler:
         error: BaseException | None = None
         if step.statement is not None:
             try:
-                result = await self._send(step.statement, step.params)
+                with _fork.quiet.statement():  # a fork() waits for the answer
+                    result = await self._send(step.statement, step.params)
             except Exception as exc:
                 error = exc
                 await self._drop_connection()

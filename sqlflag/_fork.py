@@ -9,6 +9,11 @@ replaced by one end of a dead socket pair (``dup2``), so whatever the child's co
 might still send (PostgreSQL's Terminate message, MySQL's COM_QUIT, a ROLLBACK from a pool
 reset, an epoll change on an inherited event loop) goes nowhere. The parent's descriptor, and
 its session on the server, are untouched.
+
+Before a fork, :data:`quiet` waits (briefly) until no sqlflag statement is in flight: a
+child must not inherit a statement half done. SQLite keeps its file locks' bookkeeping per
+process, and a child forked in the middle of the parent's check inherits bookkeeping that says
+a lock is held, so its own new connections then fail with "database is locked".
 """
 
 from __future__ import annotations
@@ -17,7 +22,58 @@ import contextlib
 import os
 import socket
 import stat
+import threading
+from collections.abc import Iterator
 from typing import Any
+
+#: The longest a fork() waits for sqlflag statements in flight to finish.
+FORK_WAIT = 2.0
+
+
+class _Quiet:
+    """Statements in flight, and a fork() waiting for there to be none."""
+
+    def __init__(self) -> None:
+        self._cv = threading.Condition()
+        self._busy = 0
+        self._forking = False
+
+    @contextlib.contextmanager
+    def statement(self) -> Iterator[None]:
+        """Around one statement, from sending it to closing its result."""
+        with self._cv:
+            self._cv.wait_for(lambda: not self._forking, FORK_WAIT)
+            self._busy += 1
+        try:
+            yield
+        finally:
+            with self._cv:
+                self._busy -= 1
+                if not self._busy:
+                    self._cv.notify_all()
+
+    def before_fork(self) -> None:
+        with self._cv:
+            self._forking = True
+            self._cv.wait_for(lambda: not self._busy, FORK_WAIT)
+
+    def after_fork_in_parent(self) -> None:
+        with self._cv:
+            self._forking = False
+            self._cv.notify_all()
+
+    def after_fork_in_child(self) -> None:
+        self._cv = threading.Condition()  # the parent's threads, holding it or not, are gone
+        self._busy = 0
+        self._forking = False
+
+
+quiet = _Quiet()
+os.register_at_fork(
+    before=quiet.before_fork,
+    after_in_parent=quiet.after_fork_in_parent,
+    after_in_child=quiet.after_fork_in_child,
+)
 
 #: Schedulers inherited through fork(), kept alive (never finalized) in this child.
 _abandoned: list[Any] = []

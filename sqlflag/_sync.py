@@ -235,9 +235,10 @@ class Scheduler:
             error: BaseException | None = None
             names: set[str] = set()
             try:
-                result = self._connection().execute(batch.statement, batch.params)
-                names = _batch.renewed(self.dialect, batch, result)
-                result.close()
+                with _fork.quiet.statement():
+                    result = self._connection().execute(batch.statement, batch.params)
+                    names = _batch.renewed(self.dialect, batch, result)
+                    result.close()
             except Exception as exc:
                 error = exc
                 self._drop_connection()
@@ -276,18 +277,19 @@ class Scheduler:
         t_sent = monotonic()
         result: Any = None
         error: BaseException | None = None
-        if step.statement is not None:
+        with _fork.quiet.statement():  # a fork() waits until the result is closed
+            if step.statement is not None:
+                try:
+                    result = self._connection().execute(step.statement, step.params)
+                except Exception as exc:
+                    error = exc
+                    self._drop_connection()
             try:
-                result = self._connection().execute(step.statement, step.params)
-            except Exception as exc:
-                error = exc
-                self._drop_connection()
-        try:
-            with flag._cv:
-                report = core.finish(step, t_sent, monotonic(), result, error)
-        finally:
-            if result is not None:
-                result.close()
+                with flag._cv:
+                    report = core.finish(step, t_sent, monotonic(), result, error)
+            finally:
+                if result is not None:
+                    result.close()
         flag._announce(report.transitions)
         return report
 
