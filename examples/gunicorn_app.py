@@ -42,17 +42,21 @@ JOB_EVERY = float(os.environ.get("JOB_EVERY", "1"))
 # Creating the engine at import is fine: it connects lazily. Its pool is per process, so
 # each worker starts with a fresh one (start() below).
 engine = sa.create_engine(DATABASE_URL)
-flag: sqlflag.Flag | None = None
+
+
+class Worker:
+    """This process's flag: None in the master, built by start() in each worker."""
+
+    flag: sqlflag.Flag | None = None
 
 
 def start() -> None:
     """Called in each worker right after the fork (``post_fork``): a fresh connection pool,
     this worker's flag, and the thread that runs the job while the flag is raised."""
-    global flag
     # Connections the master opened belong to the master: drop (not close) them here, as
     # SQLAlchemy prescribes for fork(), so this worker opens its own.
     engine.dispose(close=False)
-    flag = (
+    flag = Worker.flag = (
         sqlflag.new_flag()
         .handle(engine)
         .name(FLAG_NAME)
@@ -65,8 +69,8 @@ def start() -> None:
 
 def stop() -> None:
     """Called as a worker exits gracefully (``worker_exit``): release the lease at once."""
-    if flag is not None:
-        flag.close()
+    if Worker.flag is not None:
+        Worker.flag.close()
 
 
 def job_loop(flag: sqlflag.Flag) -> None:
@@ -97,6 +101,7 @@ def respond(
 def app(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
     """``/``: this worker's view of the flag; ``/healthz``: 503 once the database has not
     answered the flag's checks for more than an interval."""
+    flag = Worker.flag
     if flag is None:
         return respond(start_response, {"error": "no flag: start() runs in post_fork"},
                        "503 Service Unavailable")
