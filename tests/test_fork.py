@@ -23,7 +23,7 @@ INTERVAL = 1.0
 
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_a_forked_child_sees_an_inert_flag_and_the_parent_keeps_leading(
-    db_url: str, engine: sa.Engine, flag_name: str, mode: str
+    db_url: str, dialect: str, engine: sa.Engine, flag_name: str, mode: str
 ) -> None:
     proc = subprocess.run(
         [sys.executable, str(WORKER), db_url, flag_name, mode],
@@ -48,6 +48,15 @@ def test_a_forked_child_sees_an_inert_flag_and_the_parent_keeps_leading(
     warnings = [line for line in proc.stderr.splitlines() if "before this process forked" in line]
     assert len(warnings) == 1, proc.stderr
     assert flag_name in warnings[0] and "post_fork" in warnings[0]
+
+    # The child's copies of the parent's sockets (its scheduler connection; on PostgreSQL
+    # also the LISTEN connection) are blinded: replaced by a dead local socket in the child.
+    if dialect == "sqlite":
+        assert parent["sockets"] == child["sockets"] == []
+    else:
+        expected = 2 if dialect == "postgresql" else 1
+        assert parent["sockets"] == ["AF_INET"] * expected, parent
+        assert child["sockets"] == ["AF_UNIX"] * expected, child
 
     # A flag the child builds after the fork (same engine, new pool) works and leads.
     assert child["own_raised"] is True and child["own_token"] is not None

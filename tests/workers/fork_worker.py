@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -24,6 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 
 import sqlflag
+from sqlflag import _fork
 
 INTERVAL = 1.0
 LIVE = 1.5  # how long the child lives after its checks (more than an interval)
@@ -42,9 +44,27 @@ def builder(engine: Any, name: str, process: str) -> sqlflag.FlagBuilder:
     )
 
 
+def sockets(flag: Any) -> list[str]:
+    """The address family of each socket under the flag's scheduler connection and its
+    listener's (PostgreSQL): AF_INET for a live TCP connection, AF_UNIX once blinded."""
+    sched = flag._scheduler
+    conns = [_fork.dbapi_of(sched._conn)]
+    if sched._listener is not None:
+        conn = sched._listener.connection
+        conns.append(_fork.dbapi_of(conn) or getattr(conn, "dbapi_connection", None))
+    out = []
+    for conn in conns:
+        fd = _fork.socket_fd(conn)
+        if fd is not None:
+            with socket.socket(fileno=os.dup(fd)) as sock:
+                out.append(sock.family.name)
+    return out
+
+
 def inert_report(flag: Any, close: Any, wait: Any) -> dict[str, Any]:
     """What the child sees of the inherited flag."""
     out: dict[str, Any] = {
+        "sockets": sockets(flag),
         "raised": flag.raised, "token": flag.token, "closed": flag.closed,
         "health_closed": flag.health.closed, "health_raised": flag.health.raised,
     }
@@ -130,6 +150,7 @@ def main() -> None:
         while not listener.ready.is_set() and clock() < deadline:
             time.sleep(0.01)
     token = flag.token
+    parent_sockets = sockets(flag)
     conn_before = flag._scheduler._conn
     connects_before = len(connects)
     read_fd, write_fd = os.pipe()
@@ -171,6 +192,7 @@ def main() -> None:
         "same_connection": flag._scheduler._conn is conn_before,
         "reconnects": len(connects) - connects_before,
         "raised": flag.raised,
+        "sockets": parent_sockets,
     }
     if mode == "async":
         loop.run(flag.close())
