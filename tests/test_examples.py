@@ -312,6 +312,7 @@ def test_gunicorn_preload_one_worker_leads_and_another_takes_over_after_sigkill(
                 WEB_CONCURRENCY="3"),
         stdout=open(out, "w"),  # noqa: SIM115
         stderr=subprocess.STDOUT,
+        start_new_session=True,  # its own process group: nothing outlives a failed test
     )
 
     def row(name: str) -> sqlflag.FlagState:
@@ -394,9 +395,12 @@ def test_gunicorn_preload_one_worker_leads_and_another_takes_over_after_sigkill(
         try:
             code = proc.wait(30)
         except subprocess.TimeoutExpired:
-            proc.kill()
+            os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()
             raise
+        finally:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)  # any worker left behind
     assert code == 0, out.read_text()
     # A graceful stop: the workers released theirs (worker_exit), the master its own (atexit).
     assert not row(flag_name).raised and not row(early_name).raised
