@@ -11,11 +11,13 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from workers.support import REPO, state
+from workers.support import REPO, Statement, StatementLog, now, state, wait_for
 
 WORKER = Path(__file__).resolve().parent / "workers" / "fork_worker.py"
 INTERVAL = 1.0
@@ -79,3 +81,105 @@ def test_a_forked_child_sees_an_inert_flag_and_the_parent_keeps_leading(
     assert not row.raised and row.expires_in <= 0  # released by the parent, at its end
     child_row = state(engine, flag_name + "-child")
     assert child_row.holder == "child" and not child_row.raised  # the child released its own
+
+
+def hold_row(conn: sa.Connection, dialect: str, name: str) -> None:
+    """Hold the flag's row (SQLite: the whole file) in ``conn``'s open transaction, so the
+    flag's next statement waits for its timeout."""
+    if dialect == "sqlite":
+        conn.exec_driver_sql("BEGIN EXCLUSIVE")
+    else:
+        conn.execute(
+            sa.text("SELECT token FROM leadership_flags WHERE name = :n FOR UPDATE"), {"n": name}
+        )
+
+
+def fork_during(log: StatementLog, since: float) -> None:
+    """Once a statement sent after ``since`` is in flight, fork (the child exits at once);
+    the statement must have ended before fork() returned in the parent."""
+
+    def in_flight() -> Statement | None:
+        for s in log.statements:
+            if s.start > since and s.end is None and s.failed is None:
+                return s
+        return None
+
+    assert wait_for(lambda: in_flight() is not None, 2 * INTERVAL)
+    statement = in_flight()
+    assert statement is not None
+    time.sleep(0.05)
+    t0 = now()
+    pid = os.fork()
+    if pid == 0:
+        os._exit(0)
+    t1 = now()
+    assert os.waitpid(pid, 0)[1] == 0
+    ended = statement.end or statement.failed
+    assert ended is not None and t0 < ended <= t1, (t0, ended, t1)
+    assert t1 - t0 < 2.5  # bounded (at most 2 s, plus the fork itself)
+
+
+def test_fork_waits_for_a_statement_in_flight(
+    db_url: str, dialect: str, engine: sa.Engine, flag_name: str
+) -> None:
+    """A child must not inherit a sqlflag statement half done (SQLite's per-process lock
+    bookkeeping then fails the child's own connections): fork() waits for it to end."""
+    import sqlflag
+
+    log = StatementLog(engine)
+    flag = (
+        sqlflag.new_flag().handle(engine).name(flag_name).process("a").interval(INTERVAL)
+        .timeout(0.3).jitter(0).build()
+    )
+    blocker = sa.create_engine(db_url, poolclass=sa.NullPool)
+    try:
+        assert flag.wait_raised(2)
+        with blocker.connect() as conn:
+            hold_row(conn, dialect, flag_name)
+            fork_during(log, now())
+            conn.rollback()
+    finally:
+        flag.close()
+        blocker.dispose()
+
+
+def test_fork_waits_for_an_async_statement_in_flight(
+    db_url: str, dialect: str, flag_name: str
+) -> None:
+    """The same for an AsyncFlag whose event loop runs in another thread."""
+    import asyncio
+    import threading
+
+    from sqlalchemy.ext.asyncio import create_async_engine
+    from test_async import async_url
+
+    import sqlflag
+
+    loop = asyncio.new_event_loop()
+    thread = threading.Thread(target=loop.run_forever, daemon=True)
+    thread.start()
+
+    def run(coro: Any) -> Any:
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(30)
+
+    aengine = create_async_engine(async_url(db_url))
+    log = StatementLog(aengine.sync_engine)
+    builder = (
+        sqlflag.new_flag().handle(aengine).name(flag_name).process("a").interval(INTERVAL)
+        .timeout(0.3).jitter(0)
+    )
+    flag: sqlflag.AsyncFlag = run(builder.build_async())
+    blocker = sa.create_engine(db_url, poolclass=sa.NullPool)
+    try:
+        assert run(flag.wait_raised(2))
+        with blocker.connect() as conn:
+            hold_row(conn, dialect, flag_name)
+            fork_during(log, now())
+            conn.rollback()
+    finally:
+        run(flag.close())
+        run(aengine.dispose())
+        loop.call_soon_threadsafe(loop.stop)
+        thread.join(5)
+        loop.close()
+        blocker.dispose()
