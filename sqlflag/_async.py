@@ -258,7 +258,7 @@ class AsyncScheduler:
 
     async def _connection(self) -> AsyncConnection:
         if self._conn is None:
-            conn = await self.engine.connect()
+            conn = await _fork.connect_async(self.engine)
             try:
                 conn = await conn.execution_options(isolation_level="AUTOCOMMIT")
                 # Inside run_sync, an adapter method that awaits the driver (aiosqlite's

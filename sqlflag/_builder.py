@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from . import _fork
 from ._core import FlagCore, Settings
 from ._dialects import Dialect, for_dialect
 from ._errors import ConfigurationError, SchemaError
@@ -246,7 +247,8 @@ class FlagBuilder:
                 f"handle must be a sqlalchemy Engine or AsyncEngine; got {type(engine).__name__}"
             )
         ops = self._dialect(engine.url, engine.dialect)
-        with engine.connect() as conn:
+        _fork.watch(engine)
+        with _fork.connect(engine) as conn:  # never a connection inherited through fork()
             prepare(conn, ops, settings.name, self._create_table)
             row = conn.execute(ops.read_row, {"p_name": settings.name}).first()
         core = self._core(settings, ops)
@@ -280,9 +282,13 @@ class FlagBuilder:
         from ._async import AsyncFlag, AsyncScheduler
 
         ops = self._dialect(engine.url, engine.dialect)
-        async with engine.connect() as conn:
+        _fork.watch(engine.sync_engine)
+        conn = await _fork.connect_async(engine)  # never a connection inherited through fork()
+        try:
             await conn.run_sync(prepare, ops, settings.name, self._create_table)
             row = (await conn.execute(ops.read_row, {"p_name": settings.name})).first()
+        finally:
+            await conn.close()
         core = self._core(settings, ops)
         if row is not None:
             core.observe_row(row.holder, row.token, row.left)

@@ -23,8 +23,12 @@ import os
 import socket
 import stat
 import threading
+import weakref
 from collections.abc import Iterator
 from typing import Any
+
+import sqlalchemy as sa
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 #: The longest a fork() waits for sqlflag statements in flight to finish.
 FORK_WAIT = 2.0
@@ -75,8 +79,57 @@ os.register_at_fork(
     after_in_child=quiet.after_fork_in_child,
 )
 
-#: Schedulers inherited through fork(), kept alive (never finalized) in this child.
+#: Schedulers and connections inherited through fork(), kept alive (never finalized) here.
 _abandoned: list[Any] = []
+#: ``connection_record.info`` key: the pid of the process that opened the connection.
+PID = "sqlflag_pid"
+#: How many inherited pooled connections one checkout may set aside before giving up.
+MAX_INHERITED = 64
+_watched: weakref.WeakSet[sa.Engine] = weakref.WeakSet()
+
+
+def watch(engine: sa.Engine) -> None:
+    """Tag every connection ``engine`` opens from now on with the pid that opened it."""
+    if engine in _watched:
+        return
+    _watched.add(engine)
+
+    @sa.event.listens_for(engine, "connect")
+    def _tag(dbapi_connection: Any, record: Any) -> None:
+        record.info[PID] = os.getpid()
+
+
+def own(conn: sa.Connection) -> bool:
+    """True if ``conn`` (just checked out) was opened by this process. A pooled connection
+    the parent opened before a fork() is set aside instead (kept checked out forever, its
+    socket blinded): using or closing it here would use or end the parent's session."""
+    fairy = conn.connection
+    record = getattr(fairy, "_connection_record", None)
+    if record is None:
+        return True
+    if record.info.setdefault(PID, os.getpid()) == os.getpid():
+        return True
+    abandon(conn, [fairy.dbapi_connection])
+    return False
+
+
+def connect(engine: sa.Engine) -> sa.Connection:
+    """``engine.connect()``, never handing this process a connection another one opened."""
+    for _ in range(MAX_INHERITED):
+        conn = engine.connect()
+        if own(conn):
+            return conn
+    return engine.connect()
+
+
+async def connect_async(engine: AsyncEngine) -> AsyncConnection:
+    """The same for an AsyncEngine."""
+    for _ in range(MAX_INHERITED):
+        conn = await engine.connect()
+        sync = conn.sync_connection
+        if sync is None or own(sync):
+            return conn
+    return await engine.connect()
 
 
 def abandon(owner: Any, connections: list[Any]) -> None:

@@ -297,7 +297,7 @@ class Scheduler:
         if self._conn is None:
             _connecting.timeout = self.timeout
             try:
-                conn = self.engine.connect()
+                conn = _fork.connect(self.engine)
             finally:
                 _connecting.timeout = None
             try:

@@ -23,12 +23,16 @@ WORKER = Path(__file__).resolve().parent / "workers" / "fork_worker.py"
 INTERVAL = 1.0
 
 
+@pytest.mark.parametrize("pool", ["dispose", "keep"])
 @pytest.mark.parametrize("mode", ["sync", "async"])
-def test_a_forked_child_sees_an_inert_flag_and_the_parent_keeps_leading(
-    db_url: str, dialect: str, engine: sa.Engine, flag_name: str, mode: str
+def test_a_forked_child_sees_an_inert_flag_and_the_parent_keeps_leading(  # noqa: PLR0917
+    db_url: str, dialect: str, engine: sa.Engine, flag_name: str, mode: str, pool: str
 ) -> None:
+    """``pool="keep"``: the child builds its own flag on the inherited engine without
+    ``engine.dispose(close=False)``; sqlflag still never takes the parent's pooled
+    connection (opened by the parent's build()) for the child's flag."""
     proc = subprocess.run(
-        [sys.executable, str(WORKER), db_url, flag_name, mode],
+        [sys.executable, str(WORKER), db_url, flag_name, mode, pool],
         env={**os.environ, "PYTHONPATH": str(REPO)},
         capture_output=True, text=True, timeout=60, check=False,
     )
@@ -63,6 +67,11 @@ def test_a_forked_child_sees_an_inert_flag_and_the_parent_keeps_leading(
     # A flag the child builds after the fork (same engine, new pool) works and leads.
     assert child["own_raised"] is True and child["own_token"] is not None
     assert child["own_new_scheduler"] is True
+    # The parent's idle pooled connection is still the parent's, and still works; the
+    # child's flag runs on a session of its own.
+    assert parent["pooled_session_after"] == parent["pooled_session_before"], parent
+    if dialect != "sqlite":
+        assert child["own_session"] != parent["pooled_session_before"], (parent, child)
 
     # The parent: raised throughout, with one token, over more than an interval while the
     # child lived and more than an interval after it exited; its connection (and, on the

@@ -1,11 +1,12 @@
 """A process that builds a flag, raises it, then forks: what each side sees, as JSON.
 
-Run as ``fork_worker.py URL NAME sync|async``. The parent builds the flag (``Flag``, or an
-``AsyncFlag`` on an event loop running in a thread of its own), waits until it is raised, and
-forks. The child reports what the inherited flag looks like, how long ``close()`` takes,
-what the waits do, builds a flag of its own after the fork (on the same engine, after
-``engine.dispose(close=False)`` as SQLAlchemy prescribes) and lets it lead, stays alive for
-more than an interval, then exits normally (atexit handlers and interpreter finalization run).
+Run as ``fork_worker.py URL NAME sync|async [dispose|keep]``. The parent builds the flag
+(``Flag``, or an ``AsyncFlag`` on an event loop running in a thread of its own), waits until
+it is raised, and forks. The child reports what the inherited flag looks like, how long
+``close()`` takes, what the waits do, builds a flag of its own after the fork on the same
+engine (after ``engine.dispose(close=False)`` as SQLAlchemy prescribes, or with ``keep``
+on the inherited pool, whose idle connection is the parent's) and lets it lead, stays alive
+for more than an interval, then exits normally (atexit handlers and finalization run).
 Meanwhile the parent samples ``raised``/``token`` every 5 ms, and keeps sampling for more
 than an interval after the child exited. It prints one JSON object: ``parent`` and ``child``.
 """
@@ -95,17 +96,31 @@ class LoopThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
 
 
-def child_sync(engine: sa.Engine, flag: sqlflag.Flag, name: str) -> dict[str, Any]:
+SESSION = {"postgresql": "SELECT pg_backend_pid()", "mysql": "SELECT CONNECTION_ID()",
+           "sqlite": "SELECT -1"}
+
+
+def session(conn: Any) -> int:
+    """The server's id of a sync connection's session (-1 on SQLite)."""
+    return int(conn.exec_driver_sql(SESSION[conn.dialect.name]).scalar())
+
+
+def child_sync(engine: sa.Engine, flag: sqlflag.Flag, name: str, keep: bool) -> dict[str, Any]:
     out = inert_report(flag, flag.close, lambda which: getattr(flag, which)(1))
-    engine.dispose(close=False)  # SQLAlchemy: never reuse pooled connections across fork
+    if not keep:
+        engine.dispose(close=False)  # SQLAlchemy: never reuse pooled connections across fork
     with builder(engine, name + "-child", "child").build() as own:
         out["own_raised"] = own.wait_raised(5)
         out["own_token"] = own.token
         out["own_new_scheduler"] = own._scheduler is not flag._scheduler
+        assert own._scheduler._conn is not None
+        out["own_session"] = session(own._scheduler._conn)
     return out
 
 
-def child_async(engine: AsyncEngine, flag: sqlflag.AsyncFlag, name: str) -> dict[str, Any]:
+def child_async(
+    engine: AsyncEngine, flag: sqlflag.AsyncFlag, name: str, keep: bool
+) -> dict[str, Any]:
     async def wait(which: str) -> Any:
         return await getattr(flag, which)(1)
 
@@ -113,18 +128,35 @@ def child_async(engine: AsyncEngine, flag: sqlflag.AsyncFlag, name: str) -> dict
                        lambda which: asyncio.run(wait(which)))
 
     async def own_flag() -> None:
-        await engine.dispose(close=False)
+        if not keep:
+            await engine.dispose(close=False)
         async with await builder(engine, name + "-child", "child").build_async() as own:
             out["own_raised"] = await own.wait_raised(5)
             out["own_token"] = own.token
             out["own_new_scheduler"] = own._scheduler is not flag._scheduler
+            assert own._scheduler._conn is not None
+            out["own_session"] = await own._scheduler._conn.run_sync(session)
 
     asyncio.run(own_flag())
     return out
 
 
+def pooled_session(flag: Any, mode: str) -> int:
+    """The session of the idle connection in the parent's pool (build() returned it there)."""
+    engine = flag._scheduler.engine
+    if mode == "async":
+        async def read() -> int:
+            async with engine.connect() as conn:
+                return int(await conn.run_sync(session))
+
+        return int(asyncio.run_coroutine_threadsafe(read(), flag._scheduler._loop).result(10))
+    with engine.connect() as conn:
+        return session(conn)
+
+
 def main() -> None:
     url, name, mode = sys.argv[1:4]
+    keep = sys.argv[4:5] == ["keep"]
     if mode == "async":
         parsed = sa.make_url(url)
         url = parsed.set(drivername=ASYNC_DRIVERS[parsed.get_backend_name()]).render_as_string(
@@ -150,6 +182,7 @@ def main() -> None:
         while not listener.ready.is_set() and clock() < deadline:
             time.sleep(0.01)
     token = flag.token
+    pooled_before = pooled_session(flag, mode)
     parent_sockets = sockets(flag)
     conn_before = flag._scheduler._conn
     connects_before = len(connects)
@@ -159,8 +192,8 @@ def main() -> None:
     if pid == 0:  # the child
         os.close(read_fd)
         try:
-            report = child_async(aengine, flag, name) if mode == "async" else child_sync(
-                engine, flag, name
+            report = child_async(aengine, flag, name, keep) if mode == "async" else child_sync(
+                engine, flag, name, keep
             )
         except BaseException as exc:
             report = {"error": repr(exc)}
@@ -193,6 +226,8 @@ def main() -> None:
         "reconnects": len(connects) - connects_before,
         "raised": flag.raised,
         "sockets": parent_sockets,
+        "pooled_session_before": pooled_before,
+        "pooled_session_after": pooled_session(flag, mode),
     }
     if mode == "async":
         loop.run(flag.close())
