@@ -11,6 +11,7 @@ the lease so another instance takes over at its next check instead of waiting fo
     uvicorn starlette_app:app --app-dir examples --port 8001 &
     uvicorn starlette_app:app --app-dir examples --port 8002 &
     curl -s localhost:8001/ localhost:8002/     # one says "leader": true
+    curl -si localhost:8001/healthz             # 200 while the database answers, else 503
 
 Settings come from the environment: SQLFLAG_URL (an async driver URL; default the embedded
 SQLite file through aiosqlite), FLAG_NAME, SQLFLAG_PROCESS (default host:pid), FLAG_INTERVAL
@@ -74,8 +75,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
         .handle(engine)
         .name(FLAG_NAME)
         .process(PROCESS)
-        .interval(INTERVAL)
-        .timeout(min(1.0, INTERVAL / 4))
+        .interval(INTERVAL)  # the statement timeout defaults to min(1 s, interval / 4)
         .build_async()
     )
     app.state.flag = flag
@@ -103,4 +103,25 @@ async def status(request: Request) -> JSONResponse:
     )
 
 
-app = Starlette(routes=[Route("/", status)], lifespan=lifespan)
+async def healthz(request: Request) -> JSONResponse:
+    """Readiness probe: 200 while the flag's checks reach the database, 503 once the last
+    successful one is more than an interval old (database unreachable, or this instance
+    stuck). A healthy follower is ready too: leading is not what readiness is about."""
+    health = request.app.state.flag.health
+    return JSONResponse(
+        {
+            "healthy": health.healthy,
+            "leader": health.raised,
+            "token": health.token,
+            "seconds_since_success": health.since_success,
+            "consecutive_failures": health.consecutive_failures,
+            "last_error": health.last_error,
+            "last_error_kind": health.last_error_kind,
+            "holder": health.holder,
+            "lease_left": health.lease_left,
+        },
+        status_code=200 if health.healthy else 503,
+    )
+
+
+app = Starlette(routes=[Route("/", status), Route("/healthz", healthz)], lifespan=lifespan)

@@ -3,6 +3,7 @@
 from . import alembic
 from ._async import AsyncFlag
 from ._builder import FlagBuilder, new_flag
+from ._core import Health
 from ._errors import ConfigurationError, SchemaError, SqlflagError
 from ._inspect import FlagState, inspect, inspect_async
 from ._migrate import migrations_path
@@ -15,6 +16,7 @@ __all__ = [
     "Flag",
     "FlagBuilder",
     "FlagState",
+    "Health",
     "SchemaError",
     "SqlflagError",
     "alembic",

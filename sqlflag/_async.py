@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import inspect
+import os
 import weakref
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -13,7 +14,7 @@ from typing import Any, ClassVar
 
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from . import _batch
+from . import _batch, _fork
 from ._clock import monotonic
 from ._core import FlagCore, Report, Step, Transition
 from ._dialects import Dialect
@@ -66,6 +67,7 @@ class AsyncScheduler:
         self._flags: weakref.WeakSet[AsyncFlag] = weakref.WeakSet()
         self._users = 0
         self._stopping = False
+        self._forked = False  # inherited through fork(): abandoned, never awaited
         self._conn: AsyncConnection | None = None
         self._listener: AsyncListener | None = None
         self._callbacks: asyncio.Queue[Callable[[], Awaitable[None]] | None] = asyncio.Queue()
@@ -161,7 +163,7 @@ class AsyncScheduler:
 
     async def _run(self) -> None:
         try:
-            while True:
+            while not self._forked:
                 if self._jobs:
                     await self._jobs.popleft()()
                     continue
@@ -181,7 +183,8 @@ class AsyncScheduler:
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), wait)
         finally:
-            await self._drop_connection()
+            if not self._forked:
+                await self._drop_connection()
 
     async def _renew(self, group: list[AsyncFlag]) -> None:
         """Renew a group of held flags with as few statements as possible."""
@@ -198,7 +201,8 @@ class AsyncScheduler:
             error: BaseException | None = None
             names: set[str] = set()
             try:
-                result = await self._send(batch.statement, batch.params)
+                with _fork.quiet.statement():  # a fork() waits for the answer
+                    result = await self._send(batch.statement, batch.params)
                 names = _batch.renewed(self.dialect, batch, result)
                 result.close()
             except Exception as exc:
@@ -235,7 +239,8 @@ class AsyncScheduler:
         error: BaseException | None = None
         if step.statement is not None:
             try:
-                result = await self._send(step.statement, step.params)
+                with _fork.quiet.statement():  # a fork() waits for the answer
+                    result = await self._send(step.statement, step.params)
             except Exception as exc:
                 error = exc
                 await self._drop_connection()
@@ -264,7 +269,7 @@ class AsyncScheduler:
 
     async def _connection(self) -> AsyncConnection:
         if self._conn is None:
-            conn = await self.engine.connect()
+            conn = await _fork.connect_async(self.engine)
             try:
                 conn = await conn.execution_options(
                     isolation_level="AUTOCOMMIT", **schema_options(self.schema)
@@ -289,7 +294,23 @@ class AsyncScheduler:
             self._conn = conn
         return self._conn
 
+    def _forked_child(self) -> None:
+        """In a child after fork(): its connections are the parent's. Abandon it (and any of
+        its tasks the child's copy of the event loop might still run): never await, close or
+        finalize them here."""
+        self._forked = self._stopping = True
+        listener = self._listener
+        if listener is not None:
+            listener.stop()  # should the child run the inherited loop, it ends (blinded)
+        connections = [
+            _fork.dbapi_of(self._conn),
+            _fork.dbapi_of(listener.connection) if listener else None,
+        ]
+        _fork.abandon(self, [c for c in connections if c is not None])
+
     async def _drop_connection(self) -> None:
+        if self._forked:
+            return
         conn, self._conn = self._conn, None
         if conn is not None:
             try:
@@ -327,13 +348,29 @@ class AsyncFlag(FlagBase):
         self._precheck_error: str | None = None
         self._changed = asyncio.Event()
         self._timer_armed = False
+        _live.add(self)
 
     async def wait_raised(self, timeout: float | None = None) -> bool:
-        """Wait until raised (True) or until ``timeout`` seconds pass (False)."""
-        return await self._wait(lambda: self.raised or self._closing, timeout) and self.raised
+        """Wait until raised (True) or until ``timeout`` seconds pass (False).
+
+        Raises :class:`sqlflag.SqlflagError` at once on a closed flag, and in a waiter when
+        another task closes the flag: a closed flag is never raised again.
+        """
+        if self._closing:
+            raise self._closed_error()
+        done = await self._wait(lambda: self.raised or self._closing, timeout)
+        if self._closing and not self.raised:
+            raise self._closed_error(waiting=True)
+        return done and self.raised
 
     async def wait_lowered(self, timeout: float | None = None) -> bool:
-        """Wait until lowered (True) or until ``timeout`` seconds pass (False)."""
+        """Wait until lowered (True) or until ``timeout`` seconds pass (False).
+
+        Raises :class:`sqlflag.SqlflagError` at once on a closed flag; a waiter already
+        waiting when another task closes the flag returns True (closing lowers it).
+        """
+        if self._closing:
+            raise self._closed_error()
         return await self._wait(lambda: not self.raised, timeout)
 
     async def _wait(self, done: Callable[[], bool], timeout: float | None) -> bool:
@@ -352,7 +389,9 @@ class AsyncFlag(FlagBase):
         if self._closing:
             return
         self._closing = True
+        _live.discard(self)
         self._announce(self._core.close(monotonic()))
+        self._signal()  # wake waiters even if it was not raised
         sched = self._scheduler
 
         async def release() -> None:
@@ -420,3 +459,27 @@ class AsyncFlag(FlagBase):
                 await result
         except Exception:
             self._callback_failed(callback)
+
+    def _forked_child(self) -> None:
+        """In a child after fork(): inert and closed; close() returns at once."""
+        self._closing = True
+        self._core.forked_child(os.getpid(), os.getppid())
+
+
+_live: weakref.WeakSet[AsyncFlag] = weakref.WeakSet()
+
+
+def _after_fork_in_child() -> None:
+    """Make every inherited async flag inert; flags built here get schedulers of their own."""
+    schedulers = {s for per_loop in AsyncScheduler._all.values() for s in per_loop.values()}
+    AsyncScheduler._all = weakref.WeakKeyDictionary()
+    flags = list(_live)
+    _live.clear()
+    for flag in flags:
+        schedulers.add(flag._scheduler)
+        flag._forked_child()
+    for sched in schedulers:
+        sched._forked_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

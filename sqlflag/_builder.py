@@ -13,6 +13,7 @@ import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
 from sqlalchemy.ext.asyncio import AsyncEngine
 
+from . import _fork
 from ._core import FlagCore, Settings
 from ._dialects import Dialect, for_dialect
 from ._errors import ConfigurationError, SchemaError
@@ -27,6 +28,8 @@ if TYPE_CHECKING:
 
 Duration = int | float | timedelta
 MAX_NAME = 255
+DEFAULT_INTERVAL = 30.0
+MAX_DEFAULT_TIMEOUT = 1.0
 MIGRATE_HINT = "run `alembic upgrade head` (or `sqlflag migrate --url URL`)"
 
 
@@ -68,6 +71,28 @@ def _text(field: str, value: Any) -> str:
     return value
 
 
+def default_timeout(interval: float) -> float:
+    """The statement timeout when none is given: ``min(1 s, interval / 4)``."""
+    return min(MAX_DEFAULT_TIMEOUT, interval / 4)
+
+
+def timing(interval: Any = None, timeout: Any = None) -> tuple[float, float]:
+    """Validated ``(interval, timeout)`` in seconds; None means the default (30 s for the
+    interval, :func:`default_timeout` for the timeout). The CLI uses it too."""
+    given_interval = interval is not None
+    seconds = _seconds("interval", interval) if given_interval else DEFAULT_INTERVAL
+    if timeout is None:
+        return seconds, default_timeout(seconds)
+    bound = _seconds("timeout", timeout)
+    if bound >= seconds:
+        raise ConfigurationError(
+            f"timeout ({bound:g} s) must be shorter than interval ({seconds:g} s"
+            f"{'' if given_interval else ', the default'}); leave timeout unset for the "
+            f"default, min(1 s, interval / 4)"
+        )
+    return seconds, bound
+
+
 class FlagBuilder:
     """Collects a flag's configuration; every method returns the builder.
 
@@ -79,8 +104,8 @@ class FlagBuilder:
         self._handle: Any = None
         self._name: Any = None
         self._process: Any = None
-        self._interval: Any = 30.0
-        self._timeout: Any = 1.0
+        self._interval: Any = None  # None: the default (see timing())
+        self._timeout: Any = None
         self._jitter: Any = 0.2
         self._logger: Any = None
         self._registry: Any = None
@@ -113,7 +138,8 @@ class FlagBuilder:
         return self
 
     def timeout(self, value: Duration) -> Self:
-        """Bound of every statement, in seconds or as a timedelta (default 1 s)."""
+        """Bound of every statement, in seconds or as a timedelta; shorter than the interval
+        (default ``min(1 s, interval / 4)``)."""
         self._timeout = value
         return self
 
@@ -183,12 +209,7 @@ class FlagBuilder:
             raise ConfigurationError("handle is mandatory")
         name = _text("name", self._name)
         process = _text("process", self._process)
-        interval = _seconds("interval", self._interval)
-        timeout = _seconds("timeout", self._timeout)
-        if timeout >= interval:
-            raise ConfigurationError(
-                f"timeout ({timeout:g} s) must be shorter than interval ({interval:g} s)"
-            )
+        interval, timeout = timing(self._interval, self._timeout)
         jitter = self._jitter
         if isinstance(jitter, bool) or not isinstance(jitter, int | float):
             raise ConfigurationError(f"jitter must be a number; got {jitter!r}")
@@ -253,7 +274,8 @@ class FlagBuilder:
             )
         ops = self._dialect(engine.url, engine.dialect)
         schema: str | None = self._schema
-        with engine.connect() as conn:
+        _fork.watch(engine)
+        with _fork.connect(engine) as conn:  # never a connection inherited through fork()
             conn.execution_options(**schema_options(schema))
             prepare(conn, ops, settings.name, self._create_table, schema)
             row = conn.execute(ops.read_row, {"p_name": settings.name}).first()
@@ -291,10 +313,14 @@ class FlagBuilder:
         if ops.name == "postgresql" and engine.dialect.driver == "asyncpg":
             await _refuse_asyncpg_behind_transaction_pooler(engine)
         schema: str | None = self._schema
-        async with engine.connect() as conn:
+        _fork.watch(engine.sync_engine)
+        conn = await _fork.connect_async(engine)  # never a connection inherited through fork()
+        try:
             await conn.execution_options(**schema_options(schema))
             await conn.run_sync(prepare, ops, settings.name, self._create_table, schema)
             row = (await conn.execute(ops.read_row, {"p_name": settings.name})).first()
+        finally:
+            await conn.close()
         core = self._core(settings, ops)
         if row is not None:
             core.observe_row(row.holder, row.token, row.left)

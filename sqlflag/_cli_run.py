@@ -33,6 +33,7 @@ from typing import Any
 import sqlalchemy as sa
 
 import sqlflag
+from sqlflag._builder import timing
 from sqlflag._cli import PROG, SubParsers, add_schema_argument, describe_error, positive_seconds
 from sqlflag._cli_status import open_engine, require_table
 
@@ -396,10 +397,9 @@ def add_parser(subparsers: SubParsers, parents: Sequence[argparse.ArgumentParser
     parser.add_argument(
         "--interval",
         type=positive_seconds,
-        default=30.0,
         metavar="S",
         help="lease length in seconds: a crashed leader is replaced within about this long "
-        "(default: %(default)g)",
+        "(default: 30)",
     )
     parser.add_argument(
         "--timeout",
@@ -470,10 +470,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     except _CommandError as exc:
         print(f"{PROG}: error: {exc}", file=sys.stderr)
         return exc.code
-    timeout = args.timeout if args.timeout is not None else min(1.0, args.interval / 4)
-    if timeout >= args.interval:
-        print(f"{PROG}: error: --timeout ({timeout:g} s) must be shorter than --interval "
-              f"({args.interval:g} s)", file=sys.stderr)
+    try:  # the builder's own rules and defaults (30 s; timeout min(1 s, interval / 4))
+        args.interval, _ = timing(args.interval, args.timeout)
+    except sqlflag.ConfigurationError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     process = args.process or f"{socket.gethostname()}:{os.getpid()}"
 
@@ -500,7 +500,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 .name(args.name)
                 .process(process)
                 .interval(args.interval)
-                .timeout(timeout)
+                .timeout(args.timeout)  # None: the builder's default
                 .on_raised(wake.poke)
                 .on_lowered(wake.poke)
                 .build()

@@ -14,6 +14,7 @@ import math
 import random
 import sqlite3
 from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import sqlalchemy as sa
@@ -77,6 +78,44 @@ class Report:
     failed: bool = False
     #: The step renewed (or acquired) a tenure we keep; ``delay`` is the renewal rhythm.
     holding: bool = False
+
+
+@dataclass(frozen=True)
+class Health:
+    """What a readiness probe needs to know about a flag, as this process last saw it.
+
+    Times are this process's clocks: ``last_success`` is the local wall clock (UTC) when the
+    last successful statement's answer arrived; ``since_success`` is measured on the
+    monotonic clock, so a wall-clock jump does not change it.
+    """
+
+    #: The flag is open and its last successful statement is at most one interval old.
+    healthy: bool
+    #: Local wall-clock time (UTC) of the last successful statement; None before the first.
+    last_success: datetime | None
+    #: Seconds since then (monotonic clock); None before the first success.
+    since_success: float | None
+    #: Failed statements since the last success (0 while the database answers).
+    consecutive_failures: int
+    #: The most recent error, one line (kept after recovery; see ``consecutive_failures``).
+    last_error: str | None
+    #: Its kind, as in the errors metric: timeout, connection, database, invalid_row, other.
+    last_error_kind: str | None
+    #: This process holds the flag (the same as ``flag.raised``).
+    raised: bool
+    #: The fencing token of this process's tenure; None while lowered.
+    token: int | None
+    #: Who held the lease at the last successful check: this process's name while raised,
+    #: the holder's name when a check lost and the database said (PostgreSQL), else None.
+    holder: str | None
+    #: The holder's token, when known (as for ``holder``).
+    holder_token: int | None
+    #: Seconds of the current lease left: this process's own while raised (by its
+    #: conservative deadline), the holder's as last reported by the database otherwise
+    #: (0 once it has run out); None when unknown.
+    lease_left: float | None
+    #: The flag was closed (or inherited across fork(), which makes it inert).
+    closed: bool
 
 
 def classify(exc: BaseException) -> str:
@@ -172,7 +211,14 @@ class FlagCore:
         self._last_token = -1  # the highest token seen in the row so far
         self._doubt: int | None = None  # a token held under our name that may be ours...
         self._doubt_since = 0.0  # ...first seen then
+        self._last_success: float | None = None  # monotonic time the last answer arrived
+        self._last_error: str | None = None
+        self._last_error_kind: str | None = None
+        self._seen_holder: str | None = None  # the lease as the last successful check saw it
+        self._seen_token: int | None = None
+        self._seen_left: tuple[float, float] | None = None  # (lease left, when seen)
         self.closed = False
+        self.forked = False
         metrics.bind(self)
 
     # -- reading ----------------------------------------------------------------------------
@@ -191,6 +237,56 @@ class FlagCore:
 
     def lease_left(self, now: float) -> float:
         return max(0.0, self._deadline - now) if self._tenure is not None else 0.0
+
+    def health(self, now: float, wall: float) -> Health:
+        """The flag's health at monotonic time ``now`` (``wall``: ``time.time()`` then)."""
+        since = None if self._last_success is None else max(0.0, now - self._last_success)
+        raised = self.raised(now)
+        if raised:
+            holder: str | None = self.settings.process
+            holder_token = self._tenure
+            left: float | None = self.lease_left(now)
+        else:
+            holder, holder_token = self._seen_holder, self._seen_token
+            left = None
+            if self._seen_left is not None:
+                seen, at = self._seen_left
+                left = max(0.0, seen - (now - at))
+                if left == 0.0:
+                    holder = holder_token = None  # that lease ran out: nobody we know of
+        return Health(
+            healthy=not self.closed and since is not None and since <= self.settings.interval,
+            last_success=None
+            if since is None
+            else datetime.fromtimestamp(wall, timezone.utc) - timedelta(seconds=since),
+            since_success=since,
+            consecutive_failures=self._failures,
+            last_error=self._last_error,
+            last_error_kind=self._last_error_kind,
+            raised=raised,
+            token=self._tenure if raised else None,
+            holder=holder,
+            holder_token=holder_token,
+            lease_left=left,
+            closed=self.closed,
+        )
+
+    def forked_child(self, pid: int, parent: int) -> None:
+        """In a child process after fork(): the flag is inert there. Its tenure (if any)
+        belongs to the parent, which keeps renewing it; nothing is released or sent."""
+        self._tenure = None
+        self._deadline = -math.inf
+        self._to_release = None
+        self._need_row = False
+        self._seen_holder = self._seen_token = self._seen_left = None
+        self.closed = True
+        self.forked = True
+        self.log.warning(
+            "flag %r (process %r) was built before this process forked (pid %d, from %d): "
+            "it is inert here (never raised, closed) and the parent keeps its lease. Build "
+            "flags after the fork: in gunicorn's post_fork hook, or in an ASGI lifespan",
+            self.settings.name, self.settings.process, pid, parent,
+        )
 
     # -- planning ---------------------------------------------------------------------------
 
@@ -251,6 +347,7 @@ class FlagCore:
             return self._failed(t_done, error)
         if renewed:
             return self._checked(t_sent, t_done, Outcome(won=True, token=token))
+        self._recovered(t_done)
         self._check_alone = True
         return Report([], 0.0)
 
@@ -288,7 +385,7 @@ class FlagCore:
         if error is not None:
             return self._failed(t_done, error)
         if step.statement is not None:  # a skip asked nothing of the database
-            self._recovered()
+            self._recovered(t_done)
         if step.kind == "ensure":
             self._need_row = False
             return Report([], 0.0)
@@ -306,8 +403,11 @@ class FlagCore:
 
     def _checked(self, t_sent: float, t_done: float, outcome: Outcome) -> Report:
         s = self.settings
-        self._recovered()
+        self._recovered(t_done)
         self._check_alone = False
+        self._seen_holder = None if outcome.won else outcome.holder
+        self._seen_token = None if outcome.won else outcome.holder_token
+        self._seen_left = None if outcome.lease_left is None else (outcome.lease_left, t_done)
         transitions: list[Transition] = []
         if outcome.won:
             token = outcome.token
@@ -393,6 +493,8 @@ class FlagCore:
         if self._in_doubt is None:
             self._in_doubt = self._last_token
         self._failures += 1
+        self._last_error = _one_line(error)
+        self._last_error_kind = kind
         self.metrics.error(kind)
         delay = self._jittered(s.interval / 10)
         if kind != self._error_kind:
@@ -405,7 +507,8 @@ class FlagCore:
             self.log.debug("flag %r: check failed again (%s): %s", s.name, kind, _one_line(error))
         return Report([], delay, failed=True)
 
-    def _recovered(self) -> None:
+    def _recovered(self, now: float) -> None:
+        self._last_success = now
         if self._error_kind is not None:
             self.log.info(
                 "flag %r: database answering again after %d failed attempts",

@@ -60,6 +60,7 @@ class Listener:
         self.ready = threading.Event()
         #: Why notifications cannot arrive (set when the self-test failed and it stopped).
         self.unavailable: str | None = None
+        self.connection: Any = None  # the listening connection (a child after fork blinds it)
         self.thread = threading.Thread(target=self._run, name="sqlflag-listen", daemon=True)
         self.thread.start()
 
@@ -71,7 +72,7 @@ class Listener:
         while not self._stop.is_set():
             raw: Any = None
             try:
-                raw = self._engine.raw_connection()
+                raw = self.connection = self._engine.raw_connection()
                 conn = raw.driver_connection
                 if not hasattr(conn, "notifies"):
                     log.warning(
@@ -149,6 +150,7 @@ class AsyncListener:
         self._stop = asyncio.Event()
         self.ready = asyncio.Event()
         self.unavailable: str | None = None
+        self.connection: Any = None  # the listening connection (a child after fork blinds it)
         self.task = asyncio.get_running_loop().create_task(self._run(), name="sqlflag-listen")
 
     def stop(self) -> None:
@@ -159,7 +161,7 @@ class AsyncListener:
         while not self._stop.is_set():
             conn = None
             try:
-                conn = await self._engine.connect()
+                conn = self.connection = await self._engine.connect()
                 raw = await conn.get_raw_connection()
                 driver: Any = raw.driver_connection
                 if hasattr(driver, "add_listener") or hasattr(driver, "notifies"):

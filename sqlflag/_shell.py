@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from typing import Any
 
 from ._clock import monotonic
-from ._core import FlagCore
+from ._core import FlagCore, Health
+from ._errors import SqlflagError
 
 
 class FlagBase:
@@ -43,8 +45,22 @@ class FlagBase:
 
     @property
     def closed(self) -> bool:
-        """True once close() has been called."""
+        """True once close() has been called (or in a child that inherited the flag through
+        fork(), where it is inert)."""
         return self._closing
+
+    @property
+    def health(self) -> Health:
+        """A snapshot for readiness probes: when the database last answered, the last error,
+        consecutive failures, and the lease as this process last saw it (see
+        :class:`sqlflag.Health`)."""
+        return self._core.health(monotonic(), time.time())
+
+    def _closed_error(self, waiting: bool = False) -> SqlflagError:
+        """What a wait on a closed flag raises: it will never be raised again."""
+        how = "was closed while waiting" if waiting else "is closed"
+        why = " (inherited through fork(): build flags after the fork)" if self._core.forked else ""
+        return SqlflagError(f"flag {self.name!r} of process {self.process!r} {how}{why}")
 
     def __repr__(self) -> str:
         state = "closed" if self._closing else "raised" if self.raised else "lowered"

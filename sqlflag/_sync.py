@@ -8,6 +8,7 @@ import functools
 import heapq
 import itertools
 import logging
+import os
 import threading
 import weakref
 from collections import deque
@@ -17,7 +18,7 @@ from typing import Any, ClassVar
 
 import sqlalchemy as sa
 
-from . import _batch
+from . import _batch, _fork
 from ._clock import monotonic
 from ._core import FlagCore, Report, Step, Transition
 from ._dialects import Dialect
@@ -245,9 +246,10 @@ class Scheduler:
             error: BaseException | None = None
             names: set[str] = set()
             try:
-                result = self._connection().execute(batch.statement, batch.params)
-                names = _batch.renewed(self.dialect, batch, result)
-                result.close()
+                with _fork.quiet.statement():
+                    result = self._connection().execute(batch.statement, batch.params)
+                    names = _batch.renewed(self.dialect, batch, result)
+                    result.close()
             except Exception as exc:
                 error = exc
                 self._drop_connection()
@@ -286,18 +288,19 @@ class Scheduler:
         t_sent = monotonic()
         result: Any = None
         error: BaseException | None = None
-        if step.statement is not None:
+        with _fork.quiet.statement():  # a fork() waits until the result is closed
+            if step.statement is not None:
+                try:
+                    result = self._connection().execute(step.statement, step.params)
+                except Exception as exc:
+                    error = exc
+                    self._drop_connection()
             try:
-                result = self._connection().execute(step.statement, step.params)
-            except Exception as exc:
-                error = exc
-                self._drop_connection()
-        try:
-            with flag._cv:
-                report = core.finish(step, t_sent, monotonic(), result, error)
-        finally:
-            if result is not None:
-                result.close()
+                with flag._cv:
+                    report = core.finish(step, t_sent, monotonic(), result, error)
+            finally:
+                if result is not None:
+                    result.close()
         flag._announce(report.transitions)
         return report
 
@@ -305,7 +308,7 @@ class Scheduler:
         if self._conn is None:
             _connecting.timeout = self.timeout
             try:
-                conn = self.engine.connect()
+                conn = _fork.connect(self.engine)
             finally:
                 _connecting.timeout = None
             try:
@@ -324,6 +327,18 @@ class Scheduler:
                 raise
             self._conn = conn
         return self._conn
+
+    def _forked_child(self) -> None:
+        """In a child after fork(): this scheduler's threads are gone, and its connections
+        are the parent's. Abandon it: never use, close or finalize them here."""
+        self._stopping = True
+        self._cv = threading.Condition()
+        listener = self._listener
+        connections = [
+            _fork.dbapi_of(self._conn),
+            getattr(listener.connection, "dbapi_connection", None) if listener else None,
+        ]
+        _fork.abandon(self, [c for c in connections if c is not None])
 
     def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
@@ -363,12 +378,18 @@ class Flag(FlagBase):
     # -- public -----------------------------------------------------------------------------
 
     def wait_raised(self, timeout: float | None = None) -> bool:
-        """Block until raised (True) or until ``timeout`` seconds pass (False)."""
+        """Block until raised (True) or until ``timeout`` seconds pass (False).
+
+        Raises :class:`sqlflag.SqlflagError` at once on a closed flag, and in a waiter when
+        another thread closes the flag: a closed flag is never raised again.
+        """
         end = None if timeout is None else monotonic() + timeout
         with self._cv:
+            if self._closing:
+                raise self._closed_error()
             while not self.raised:
                 if self._closing:
-                    return False
+                    raise self._closed_error(waiting=True)
                 left = None if end is None else end - monotonic()
                 if left is not None and left <= 0:
                     return False
@@ -376,9 +397,15 @@ class Flag(FlagBase):
             return True
 
     def wait_lowered(self, timeout: float | None = None) -> bool:
-        """Block until lowered (True) or until ``timeout`` seconds pass (False)."""
+        """Block until lowered (True) or until ``timeout`` seconds pass (False).
+
+        Raises :class:`sqlflag.SqlflagError` at once on a closed flag; a waiter already
+        blocked when another thread closes the flag returns True (closing lowers it).
+        """
         end = None if timeout is None else monotonic() + timeout
         with self._cv:
+            if self._closing:
+                raise self._closed_error()
             while self.raised:
                 now = monotonic()
                 left = None if end is None else end - now
@@ -473,6 +500,14 @@ class Flag(FlagBase):
         except Exception:
             self._callback_failed(callback)
 
+    def _forked_child(self) -> None:
+        """In a child after fork(): inert and closed; close() returns at once."""
+        self._cv = threading.Condition()  # another thread may have held it at the fork
+        self._closing = True
+        self._closed = threading.Event()
+        self._closed.set()
+        self._core.forked_child(os.getpid(), os.getppid())
+
 
 _live: weakref.WeakSet[Flag] = weakref.WeakSet()
 
@@ -505,7 +540,25 @@ def _bound_connects(engine: sa.Engine, dialect: Dialect) -> None:
 
 @atexit.register
 def _close_all() -> None:
-    """Release leases still held when the interpreter exits normally."""
+    """Release leases still held when the interpreter exits normally (in a child after
+    fork(), only those of flags built in the child: the inherited ones are the parent's)."""
     for flag in list(_live):
         with contextlib.suppress(Exception):
             flag.close()
+
+
+def _after_fork_in_child() -> None:
+    """Make every inherited flag inert, and build new schedulers for flags built here."""
+    Scheduler._lock = threading.Lock()
+    schedulers = set(Scheduler._all.values())
+    Scheduler._all = {}
+    flags = list(_live)
+    _live.clear()
+    for flag in flags:
+        schedulers.add(flag._scheduler)
+        flag._forked_child()
+    for sched in schedulers:
+        sched._forked_child()
+
+
+os.register_at_fork(after_in_child=_after_fork_in_child)

@@ -556,12 +556,36 @@ def test_cancelled_wait_is_harmless_and_close_from_another_task(db_url, flag_nam
             assert holder.closed
             # The follower can still be awaited after the cancelled wait.
             assert await follower.wait_raised(INTERVAL / 2 + SLACK)
-            # Waiting for raised on a closed flag returns False at once.
+            # Waiting on a closed flag raises SqlflagError at once.
             await follower.close()
             t = now()
-            assert await follower.wait_raised(5) is False
+            for wait in (follower.wait_raised, follower.wait_lowered):
+                with pytest.raises(sqlflag.SqlflagError, match="closed"):
+                    await wait(5)
             assert now() - t < 0.5
-            assert await follower.wait_lowered(0) is True
+
+    run(main)
+
+
+def test_closing_an_async_flag_ends_a_wait_raised_in_another_task(db_url, flag_name):
+    """Issue 10: a wait_raised() pending when another task closes the flag raises
+    SqlflagError (it can never be raised again); a new wait raises at once."""
+    async def main() -> None:
+        async with APool(db_url) as ap:
+            holder = await ap.flag(ap.engine(), flag_name, "holder")
+            assert await holder.wait_raised(SLACK + 0.5)
+            follower = await ap.flag(ap.engine(), flag_name, "follower")
+            waiting = asyncio.create_task(follower.wait_raised())
+            await asyncio.sleep(0.3)
+            assert not waiting.done()
+            t = now()
+            await follower.close()
+            with pytest.raises(sqlflag.SqlflagError, match="closed while waiting"):
+                await asyncio.wait_for(waiting, 2)
+            assert now() - t < 1.0
+            with pytest.raises(sqlflag.SqlflagError, match="is closed"):
+                await follower.wait_raised(1)
+            assert holder.raised
 
     run(main)
 

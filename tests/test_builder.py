@@ -8,6 +8,7 @@ import inspect
 import logging
 import sqlite3
 import threading
+import time
 import uuid
 from collections.abc import Iterator
 from datetime import timedelta
@@ -284,3 +285,44 @@ def test_longest_names_are_accepted(make_flag, engine):
     assert flag.name == name and flag.process == process
     [found] = sqlflag.inspect(engine, name)
     assert found.holder == process
+
+
+# -- issue 10: a short interval needs no .timeout() ----------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("interval", "seconds", "timeout"),
+    [(0.5, 0.5, 0.125), (1, 1.0, 0.25), (timedelta(seconds=2), 2.0, 0.5), (4, 4.0, 1.0),
+     (30, 30.0, 1.0), (None, 30.0, 1.0)],
+)
+def test_timeout_defaults_to_a_quarter_interval_at_most_one_second(
+    offline_engine, interval, seconds, timeout
+):
+    builder = sqlflag.new_flag().handle(offline_engine).name("n").process("p")
+    if interval is not None:
+        builder.interval(interval)
+    settings = builder._settings()
+    assert (settings.interval, settings.timeout) == (seconds, timeout)
+
+
+def test_short_interval_without_timeout_builds_and_leads(engine, flag_name):
+    with sqlflag.new_flag().handle(engine).name(flag_name).process("a").interval(0.5).build() as f:
+        assert f._core.settings.timeout == 0.125
+        assert f.wait_raised(3)
+        t = time.monotonic()
+        while time.monotonic() - t < 1.5:  # renewed across three leases
+            assert f.raised
+            time.sleep(0.01)
+    assert not state(engine, flag_name).raised  # released
+
+
+def test_explicit_timeout_not_shorter_than_interval_still_fails(offline_engine):
+    base = sqlflag.new_flag().handle(offline_engine).name("n").process("p")
+    message = assert_config_error(base.interval(1).timeout(1), "timeout (1 s)", "interval (1 s)")
+    assert "default" not in message.split(";")[0]
+    # Which value was a default: here the interval (30 s) was never set.
+    message = assert_config_error(
+        sqlflag.new_flag().handle(offline_engine).name("n").process("p").timeout(45),
+        "timeout (45 s)", "interval (30 s, the default)",
+    )
+    assert "min(1 s, interval / 4)" in message

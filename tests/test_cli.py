@@ -103,6 +103,18 @@ def test_run_unknown_command_is_127_before_touching_the_database(tmp_path: Path)
     assert not (tmp_path / "sqlflag.db").exists()
 
 
+def test_run_timeout_rules_are_the_builders(tmp_path: Path) -> None:
+    """`sqlflag run` checks --timeout with the builder's rule and message, before connecting."""
+    result = sqlflag_cli("run", "--name", "x", "--interval", "1", "--timeout", "1", "--",
+                         "true", cwd=tmp_path)
+    assert result.returncode == 2
+    assert_one_line_error(result, "timeout (1 s) must be shorter than interval (1 s)")
+    result = sqlflag_cli("run", "--name", "x", "--timeout", "31", "--", "true", cwd=tmp_path)
+    assert result.returncode == 2
+    assert_one_line_error(result, "interval (30 s, the default)")
+    assert not (tmp_path / "sqlflag.db").exists()
+
+
 # --------------------------------------------------------------------------- bad databases
 
 UNREACHABLE = {

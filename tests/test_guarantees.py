@@ -37,6 +37,8 @@ from workers.support import (
     wait_for,
 )
 
+import sqlflag
+
 INTERVAL = 1.0
 MARGIN = 0.02  # the documented margin, as a fraction of interval
 LEASE = INTERVAL * (1 - MARGIN)  # how long after t_sent a holder may read raised == True
@@ -539,9 +541,46 @@ def test_wait_raised_and_wait_lowered(pool, flag_name):
     assert follower.wait_raised(INTERVAL / 2 + SLACK) is True
     follower.close()
     t = now()
-    assert follower.wait_raised(5) is False  # closed: no point waiting
+    for wait in (follower.wait_raised, follower.wait_lowered):  # closed: no point waiting
+        with pytest.raises(sqlflag.SqlflagError, match="closed"):
+            wait(5)
     assert now() - t < 0.5
-    assert follower.wait_lowered(0) is True
+
+
+def test_closing_a_flag_ends_a_wait_raised_blocked_in_another_thread(pool, flag_name):
+    """Issue 10: a closed flag says so. A ``while True: if flag.wait_raised(): ...`` loop on
+    a closed flag used to spin (False at once, forever); now the wait raises SqlflagError, at
+    once on a closed flag, and in a waiter blocked when another thread closes it."""
+    holder = pool.flag(pool.engine(), flag_name, "a")
+    assert holder.wait_raised(SLACK + 0.5)
+    follower = pool.flag(pool.engine(), flag_name, "b")
+    outcome: list[object] = []
+
+    def waiter() -> None:
+        try:
+            outcome.append(follower.wait_raised(None))
+        except sqlflag.SqlflagError as exc:
+            outcome.append(exc)
+
+    thread = threading.Thread(target=waiter)
+    thread.start()
+    time.sleep(0.3)
+    assert not outcome, "the follower cannot be raised while the holder holds"
+    t = now()
+    follower.close()
+    thread.join(2)
+    assert not thread.is_alive() and now() - t < 1.0
+    [error] = outcome
+    assert isinstance(error, sqlflag.SqlflagError), error
+    assert "closed while waiting" in str(error) and flag_name in str(error)
+    # A loop that tries again gets the error at once rather than spinning.
+    spins = 0
+    with pytest.raises(sqlflag.SqlflagError):
+        while True:
+            follower.wait_raised(1)
+            spins += 1
+    assert spins == 0
+    assert holder.raised  # the holder is unaffected
 
 
 def test_context_manager_closes_and_close_is_idempotent(engine, flag_name):
