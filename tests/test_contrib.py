@@ -117,18 +117,26 @@ def labels_used(expr: str) -> set[str]:
     return used
 
 
-@pytest.mark.dialects("sqlite")
-def test_every_metric_and_label_used_exists_on_a_real_flag(engine, flag_name):
+@pytest.fixture
+def own_engine(tmp_path: Path):
+    """A SQLite database of this test's own: the test drops its table."""
+    eng = sa.create_engine(f"sqlite:///{tmp_path / 'contrib.db'}")
+    yield eng
+    eng.dispose()
+
+
+def test_every_metric_and_label_used_exists_on_a_real_flag(own_engine, flag_name):
     """A real flag on SQLite, raised, then failing (its table dropped), then closed: its
     registry then holds a sample of every family; the rules and the dashboard may only use
     those names and labels."""
     import sqlflag
 
+    engine = own_engine
     registry = CollectorRegistry()
     flag = (
         sqlflag.new_flag().handle(engine).name(flag_name).process("p1").interval(1.0)
         .timeout(0.3).jitter(0).metrics_subsystem(SUBSYSTEM).metrics_registerer(registry)
-        .build()
+        .create_table(True).build()
     )
     try:
         assert flag.wait_raised(5)
