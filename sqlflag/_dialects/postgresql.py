@@ -113,8 +113,11 @@ class PostgreSQL(Dialect):
     def configure_dbapi(self, dbapi_connection: Any, timeout: float) -> None:
         # psycopg prepares a statement on its 5th execution and waits for the Parse reply
         # first: one more round trip. The statements are tiny; never prepare them.
-        if hasattr(dbapi_connection, "prepare_threshold"):
-            dbapi_connection.prepare_threshold = None
+        # On the psycopg connection itself: SQLAlchemy 2.0's async adapter forwards reads of
+        # unknown attributes to it but cannot be assigned to (empty __slots__).
+        driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+        if hasattr(driver, "prepare_threshold"):
+            driver.prepare_threshold = None
         # psycopg 3 (sync): its waits have no bound of their own. asyncpg and the async
         # psycopg connection are bounded by the async shell (asyncio timeouts) instead.
         wait = getattr(dbapi_connection, "wait", None)
