@@ -130,7 +130,7 @@ class AsyncScheduler:
         self._wake.set()
         try:
             await asyncio.wait_for(asyncio.shield(done), wait)
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):  # one class from 3.11 on
             return False
         return True
 
@@ -180,7 +180,7 @@ class AsyncScheduler:
                 self._wake.clear()
                 when = self._queue.next_time()
                 wait = None if when is None else when - now
-                with contextlib.suppress(TimeoutError):
+                with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), wait)
         finally:
             if not self._forked:
@@ -257,14 +257,14 @@ class AsyncScheduler:
         (asyncio drivers have no socket timeouts of their own)."""
         try:
             conn = await asyncio.wait_for(self._connection(), self.timeout * 3)
-        except TimeoutError as exc:
+        except (TimeoutError, asyncio.TimeoutError) as exc:  # one class from 3.11 on
             raise TimeoutError(
                 f"connecting to the database took over {self.timeout * 3:.3g} s"
             ) from exc
         bound = self.timeout * 1.5 + 0.05
         try:
             return await asyncio.wait_for(conn.execute(statement, params), bound)
-        except TimeoutError as exc:
+        except (TimeoutError, asyncio.TimeoutError) as exc:  # one class from 3.11 on
             raise TimeoutError(f"no answer from the database within {bound:.3g} s") from exc
 
     async def _connection(self) -> AsyncConnection:
@@ -380,7 +380,7 @@ class AsyncFlag(FlagBase):
 
         try:
             await asyncio.wait_for(until(), timeout)
-        except TimeoutError:
+        except (TimeoutError, asyncio.TimeoutError):  # one class from 3.11 on
             return done()
         return True
 

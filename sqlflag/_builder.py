@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import inspect
 import logging
 import math
 import weakref
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from datetime import timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Generic, TypeVar, overload
 
 import sqlalchemy as sa
 from prometheus_client import CollectorRegistry
@@ -19,6 +20,7 @@ from ._dialects import Dialect, for_dialect
 from ._errors import ConfigurationError, SchemaError
 from ._metrics import FlagMetrics, NoMetrics, PrometheusMetrics
 from ._schema import REQUIRED_COLUMNS, TABLE_NAME, exact_collation, metadata, schema_options
+from ._shell import FlagBase
 from ._sync import Flag, Scheduler
 
 if TYPE_CHECKING:
@@ -27,6 +29,9 @@ if TYPE_CHECKING:
     from ._async import AsyncFlag
 
 Duration = int | float | timedelta
+#: The flag a builder makes: ``Flag`` once given an Engine, ``AsyncFlag`` once given an
+#: AsyncEngine (``Any`` before ``handle()``), so callbacks are checked against the right type.
+FlagT = TypeVar("FlagT", bound=FlagBase)
 MAX_NAME = 255
 DEFAULT_INTERVAL = 30.0
 MAX_DEFAULT_TIMEOUT = 1.0
@@ -40,7 +45,7 @@ def _hint(schema: str | None) -> str:
     return f"run `alembic upgrade head` (or `sqlflag migrate --url URL --schema {schema}`)"
 
 
-def new_flag() -> FlagBuilder:
+def new_flag() -> FlagBuilder[Any]:
     """A builder for a leadership flag (the counterpart of Go's ``leadership.NewFlag()``)."""
     return FlagBuilder()
 
@@ -93,14 +98,20 @@ def timing(interval: Any = None, timeout: Any = None) -> tuple[float, float]:
     return seconds, bound
 
 
-class FlagBuilder:
+class FlagBuilder(Generic[FlagT]):
     """Collects a flag's configuration; every method returns the builder.
 
     Nothing is checked until :meth:`build` (or :meth:`build_async`), which raises
     :class:`ConfigurationError` or :class:`SchemaError` before any background work starts.
+
+    For type checkers the builder is generic in the flag it makes: :meth:`handle` given an
+    ``Engine`` gives a ``FlagBuilder[Flag]`` (callbacks take a ``Flag``, the precheck is a plain
+    function, only :meth:`build` is allowed), given an ``AsyncEngine`` a
+    ``FlagBuilder[AsyncFlag]`` (callbacks take an ``AsyncFlag``, the precheck may be a coroutine
+    function, only :meth:`build_async`). Call ``handle()`` first to get that checking.
     """
 
-    def __init__(self) -> None:
+    def __init__(self: FlagBuilder[Any]) -> None:
         self._handle: Any = None
         self._name: Any = None
         self._process: Any = None
@@ -117,7 +128,11 @@ class FlagBuilder:
         self._listen = True
         self._schema: Any = None
 
-    def handle(self, value: sa.Engine | AsyncEngine) -> Self:
+    @overload
+    def handle(self, value: sa.Engine) -> FlagBuilder[Flag]: ...
+    @overload
+    def handle(self, value: AsyncEngine) -> FlagBuilder[AsyncFlag]: ...
+    def handle(self, value: sa.Engine | AsyncEngine) -> FlagBuilder[Any]:
         """The SQLAlchemy Engine (or AsyncEngine, for :meth:`build_async`). Mandatory."""
         self._handle = value
         return self
@@ -163,18 +178,37 @@ class FlagBuilder:
         self._subsystem = value
         return self
 
-    def precheck(self, value: Callable[[], bool]) -> Self:
-        """Asked before every check: False (or an exception) means do not lead."""
+    @overload
+    def precheck(
+        self: FlagBuilder[AsyncFlag], value: Callable[[], bool | Awaitable[bool]]
+    ) -> FlagBuilder[AsyncFlag]: ...
+    @overload
+    def precheck(self, value: Callable[[], bool]) -> Self: ...
+    def precheck(self, value: Callable[[], bool | Awaitable[bool]]) -> FlagBuilder[Any]:
+        """Asked before every check: False (or an exception) means do not lead.
+
+        Args:
+            value: ``() -> bool``; for :meth:`build_async` also a coroutine function
+                (awaited, bounded by ``interval / 2``).
+        """
         self._precheck = value
         return self
 
-    def on_raised(self, value: Callable[[Any], Any]) -> Self:
-        """Called with the flag each time it is raised; may be given several times."""
+    def on_raised(self, value: Callable[[FlagT], object]) -> Self:
+        """Called with the flag each time it is raised; may be given several times.
+
+        Args:
+            value: ``(flag) -> None``; for :meth:`build_async` also a coroutine function.
+        """
         self._on_raised.append(value)
         return self
 
-    def on_lowered(self, value: Callable[[Any], Any]) -> Self:
-        """Called with the flag each time it is lowered; may be given several times."""
+    def on_lowered(self, value: Callable[[FlagT], object]) -> Self:
+        """Called with the flag each time it is lowered; may be given several times.
+
+        Args:
+            value: ``(flag) -> None``; for :meth:`build_async` also a coroutine function.
+        """
         self._on_lowered.append(value)
         return self
 
@@ -260,7 +294,7 @@ class FlagBuilder:
         )
         return FlagCore(settings, ops, logger, metrics)
 
-    def build(self) -> Flag:
+    def build(self: FlagBuilder[Flag]) -> Flag:
         """Validate, check the table (creating it if asked), and start the flag's loop."""
         settings = self._settings()
         engine = self._handle
@@ -268,6 +302,14 @@ class FlagBuilder:
             raise ConfigurationError(
                 "handle is an AsyncEngine: call `await builder.build_async()` instead of build()"
             )
+        for field, fn in [("precheck", self._precheck)] + [
+            ("on_raised", f) for f in self._on_raised
+        ] + [("on_lowered", f) for f in self._on_lowered]:
+            if inspect.iscoroutinefunction(fn):
+                raise ConfigurationError(
+                    f"{field} is a coroutine function, which the sync flag cannot await: "
+                    "pass a plain function, or use an AsyncEngine and build_async()"
+                )
         if not isinstance(engine, sa.Engine):
             raise ConfigurationError(
                 f"handle must be a sqlalchemy Engine or AsyncEngine; got {type(engine).__name__}"
@@ -294,7 +336,7 @@ class FlagBuilder:
         flag._scheduler.add(flag)
         return flag
 
-    async def build_async(self) -> AsyncFlag:
+    async def build_async(self: FlagBuilder[AsyncFlag]) -> AsyncFlag:
         """Like :meth:`build`, for an AsyncEngine; returns a :class:`sqlflag.AsyncFlag`."""
         settings = self._settings()
         engine = self._handle

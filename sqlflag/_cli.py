@@ -24,6 +24,7 @@ import sqlalchemy as sa
 from alembic.util import CommandError
 from sqlalchemy import exc as sa_exc
 
+from sqlflag import __version__
 from sqlflag._errors import SqlflagError
 
 __all__ = ["DEFAULT_URL", "build_parser", "describe_error", "main", "resolve_url"]
@@ -224,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description="Leader election (a leadership flag) on the SQL database you already have.",
     )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     parents = [_common_parent()]
     _add_migrate(subparsers, parents)

@@ -179,7 +179,7 @@ class AsyncListener:
                     )
                     failed = self._ready(failed)
                     while not self._stop.is_set() and not driver.is_closed():
-                        with contextlib.suppress(TimeoutError):
+                        with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
                             await asyncio.wait_for(self._stop.wait(), 1.0)
                 elif hasattr(driver, "notifies"):  # psycopg AsyncConnection
                     await driver.execute(f"LISTEN {self._channel}")
@@ -198,7 +198,7 @@ class AsyncListener:
                     log.warning("sqlflag: listening for releases failed: %s; retrying", exc)
                 failed = True
                 self.ready.clear()
-                with contextlib.suppress(TimeoutError):
+                with contextlib.suppress(TimeoutError, asyncio.TimeoutError):
                     await asyncio.wait_for(self._stop.wait(), RETRY)
             finally:
                 if conn is not None:

@@ -140,6 +140,19 @@ def test_build_async_with_engine_names_build(offline_engine):
     assert "build()" in str(info.value)
 
 
+async def _async_yes(*args: Any) -> bool:
+    return True
+
+
+@pytest.mark.parametrize("field", ["precheck", "on_raised", "on_lowered"])
+def test_build_refuses_a_coroutine_function_it_could_not_await(offline_engine, field):
+    """The sync flag would call it and never await the coroutine (a precheck's coroutine
+    is truthy: it would always say "lead"); build() says so before touching the database."""
+    builder = getattr(complete(offline_engine), field)(_async_yes)
+    with pytest.raises(sqlflag.ConfigurationError, match=f"{field} is a coroutine function"):
+        builder.build()
+
+
 @pytest.mark.parametrize("url", ["sqlite://", "sqlite:///:memory:"])
 def test_in_memory_sqlite_rejected(url):
     eng = sa.create_engine(url)

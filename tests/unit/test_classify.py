@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sqlite3
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import asyncpg
 import psycopg
@@ -47,7 +48,14 @@ def sqlite_error(message: str) -> BaseException:
 def asyncpg_error(orig: Exception) -> BaseException:
     """Translated by SQLAlchemy's asyncpg adapter, then wrapped like any DBAPI error."""
     try:
-        AsyncAdapt_asyncpg_connection._handle_exception_no_connection(_ASYNCPG, orig)
+        translate = getattr(AsyncAdapt_asyncpg_connection, "_handle_exception_no_connection", None)
+        if translate is not None:  # SQLAlchemy 2.1
+            translate(_ASYNCPG, orig)
+        else:  # SQLAlchemy 2.0 (Python 3.10, tox -e min): translated by an open connection
+            adapter = AsyncAdapt_asyncpg_connection.__new__(AsyncAdapt_asyncpg_connection)
+            adapter.dbapi = _ASYNCPG
+            adapter._connection = SimpleNamespace(is_closed=lambda: False)
+            adapter._handle_exception(orig)
     except Exception as translated:
         return wrapped(translated, _ASYNCPG.Error)
     raise AssertionError("not translated")
