@@ -124,7 +124,43 @@ class _Tenure:
         self.log.exception("flag %r: callback %r failed", self.name, callback)
 
 
-class ManualFlag(Flag):
+class _ManualView:
+    """The read-only view both manual flags give of their :class:`_Tenure`."""
+
+    _manual: _Tenure
+
+    @property
+    def name(self) -> str:
+        """The flag's name."""
+        return self._manual.name
+
+    @property
+    def process(self) -> str:
+        """This process's name."""
+        return self._manual.process
+
+    @property
+    def raised(self) -> bool:
+        """True between :meth:`raise_` and :meth:`lower` (or :meth:`close`)."""
+        return self._manual.raised
+
+    @property
+    def token(self) -> int | None:
+        """The current tenure's token; None while lowered."""
+        return self._manual.token
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` has been called."""
+        return self._manual.closing
+
+    @property
+    def health(self) -> Health:
+        """Healthy while open (there is no database to fail); raised, token as set by hand."""
+        return self._manual.health()
+
+
+class ManualFlag(_ManualView, Flag):
     """A :class:`sqlflag.Flag` for tests, raised and lowered by hand; no database, no thread.
 
     Args:
@@ -157,36 +193,6 @@ class ManualFlag(Flag):
         self._cv = threading.Condition()
         if raised:
             self._manual.up(token)  # the starting state: no callback runs for it
-
-    @property
-    def name(self) -> str:
-        """The flag's name."""
-        return self._manual.name
-
-    @property
-    def process(self) -> str:
-        """This process's name."""
-        return self._manual.process
-
-    @property
-    def raised(self) -> bool:
-        """True between :meth:`raise_` and :meth:`lower` (or :meth:`close`)."""
-        return self._manual.raised
-
-    @property
-    def token(self) -> int | None:
-        """The current tenure's token; None while lowered."""
-        return self._manual.token
-
-    @property
-    def closed(self) -> bool:
-        """True once :meth:`close` has been called."""
-        return self._manual.closing
-
-    @property
-    def health(self) -> Health:
-        """Healthy while open (there is no database to fail); raised, token as set by hand."""
-        return self._manual.health()
 
     def raise_(self, token: int | None = None) -> int:
         """Start a tenure (a no-op while raised) and run ``on_raised``; returns the token.
@@ -268,7 +274,7 @@ class ManualFlag(Flag):
                 self._manual.failed(callback)
 
 
-class ManualAsyncFlag(AsyncFlag):
+class ManualAsyncFlag(_ManualView, AsyncFlag):
     """A :class:`sqlflag.AsyncFlag` for tests, raised and lowered by hand; no database.
 
     Same arguments as :class:`ManualFlag`; callbacks may be coroutine functions (awaited in
@@ -294,36 +300,6 @@ class ManualAsyncFlag(AsyncFlag):
         self._changed = asyncio.Event()
         if raised:
             self._manual.up(token)  # the starting state: no callback runs for it
-
-    @property
-    def name(self) -> str:
-        """The flag's name."""
-        return self._manual.name
-
-    @property
-    def process(self) -> str:
-        """This process's name."""
-        return self._manual.process
-
-    @property
-    def raised(self) -> bool:
-        """True between :meth:`raise_` and :meth:`lower` (or :meth:`close`)."""
-        return self._manual.raised
-
-    @property
-    def token(self) -> int | None:
-        """The current tenure's token; None while lowered."""
-        return self._manual.token
-
-    @property
-    def closed(self) -> bool:
-        """True once :meth:`close` has been called."""
-        return self._manual.closing
-
-    @property
-    def health(self) -> Health:
-        """Healthy while open (there is no database to fail); raised, token as set by hand."""
-        return self._manual.health()
 
     async def raise_(self, token: int | None = None) -> int:
         """Start a tenure (a no-op while raised) and await ``on_raised``; returns the token.
