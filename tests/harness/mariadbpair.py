@@ -24,7 +24,7 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from .pgpair import free_port
+from .pgpair import ServerPair, free_port
 from .proxy import Proxy
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "replication.md"
@@ -32,7 +32,7 @@ MARIADBD = os.environ.get("SQLFLAG_TEST_MARIADBD", "/usr/sbin/mariadbd")
 INSTALL_DB = os.environ.get("SQLFLAG_TEST_MARIADB_INSTALL_DB", "/usr/bin/mariadb-install-db")
 
 
-class MariaDBPair:
+class MariaDBPair(ServerPair):
     dialect = "mariadb"
     #: a replica takes writes from privileged users: move clients only once it is promoted
     move_clients_before_promotion = False
@@ -126,30 +126,12 @@ class MariaDBPair:
             self.repl.stop()
         shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> MariaDBPair:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # -- URLs and statements ----------------------------------------------------------------
 
-    def url(self, port: int, database: str = "mysql") -> sa.URL:
-        return sa.make_url(f"mysql+pymysql://root@127.0.0.1:{port}/{database}")
+    QUOTE = "`"
 
-    def scalar(self, port: int, sql: str) -> object:
-        engine = sa.create_engine(self.url(port), poolclass=sa.NullPool,
-                                  isolation_level="AUTOCOMMIT",
-                                  connect_args={"connect_timeout": 5})
-        try:
-            with engine.connect() as conn:
-                result = conn.exec_driver_sql(sql)
-                return result.scalar() if result.returns_rows else None
-        finally:
-            engine.dispose()
-
-    def create_database(self, name: str) -> None:
-        self.scalar(self.primary_port, f"CREATE DATABASE `{name}`")
+    def url(self, port: int, database: str | None = None) -> sa.URL:
+        return sa.make_url(f"mysql+pymysql://root@127.0.0.1:{port}/{database or 'mysql'}")
 
     # -- replication ------------------------------------------------------------------------
 

@@ -21,6 +21,7 @@ import subprocess
 import tempfile
 import time
 from pathlib import Path
+from typing import TypeVar
 
 import sqlalchemy as sa
 
@@ -35,7 +36,48 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-class PgPair:
+P = TypeVar("P", bound="ServerPair")
+
+
+class ServerPair:
+    """What both pairs share: a context manager, and one-statement access to either server."""
+
+    primary_port: int
+    #: Quotes a database name in this server's SQL.
+    QUOTE = '"'
+
+    def start(self: P) -> P:
+        raise NotImplementedError
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self: P) -> P:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def url(self, port: int, database: str | None = None) -> sa.URL:
+        raise NotImplementedError
+
+    def scalar(self, port: int, sql: str) -> object:
+        """Run one statement (autocommit) on the server at ``port``; its first value, if any."""
+        engine = sa.create_engine(self.url(port), poolclass=sa.NullPool,
+                                  isolation_level="AUTOCOMMIT",
+                                  connect_args={"connect_timeout": 5})
+        try:
+            with engine.connect() as conn:
+                result = conn.exec_driver_sql(sql)
+                return result.scalar() if result.returns_rows else None
+        finally:
+            engine.dispose()
+
+    def create_database(self, name: str) -> None:
+        self.scalar(self.primary_port, f"CREATE DATABASE {self.QUOTE}{name}{self.QUOTE}")
+
+
+class PgPair(ServerPair):
     """Primary + streaming standby (asynchronous, or synchronous with ``sync=True``)."""
 
     dialect = "postgresql"
@@ -120,31 +162,11 @@ class PgPair:
             self.repl.stop()
         shutil.rmtree(self.root, ignore_errors=True)
 
-    def __enter__(self) -> PgPair:
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
     # -- URLs -------------------------------------------------------------------------------
 
-    def url(self, port: int, database: str = "postgres") -> sa.URL:
-        return sa.make_url(f"postgresql+psycopg://postgres@127.0.0.1:{port}/{database}")
-
-    def scalar(self, port: int, sql: str) -> object:
-        """Run one statement (autocommit) on the server at ``port``; its first value, if any."""
-        engine = sa.create_engine(self.url(port), poolclass=sa.NullPool,
-                                  isolation_level="AUTOCOMMIT",
-                                  connect_args={"connect_timeout": 5})
-        try:
-            with engine.connect() as conn:
-                result = conn.exec_driver_sql(sql)
-                return result.scalar() if result.returns_rows else None
-        finally:
-            engine.dispose()
-
-    def create_database(self, name: str) -> None:
-        self.scalar(self.primary_port, f'CREATE DATABASE "{name}"')
+    def url(self, port: int, database: str | None = None) -> sa.URL:
+        name = database or "postgres"
+        return sa.make_url(f"postgresql+psycopg://postgres@127.0.0.1:{port}/{name}")
 
     def row_sql(self) -> str:
         return ("SELECT holder, token, EXTRACT(epoch FROM expires_at - statement_timestamp()) "
