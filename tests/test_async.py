@@ -219,7 +219,8 @@ def test_raised_quickly_second_follows_and_takes_over_on_close(
         with Sampler([first, second]) as sampler:
             assert not await second.wait_raised(1.2), "raised while the first held"
             assert first.raised
-            found = state(engine, flag_name)
+            # In a thread: a sync query here would block the loop the LagMeter watches.
+            found = await asyncio.to_thread(state, engine, flag_name)
             assert found.holder == "first" and found.token == 1
             t = now()
             await first.close()
