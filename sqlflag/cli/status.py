@@ -19,7 +19,7 @@ from typing import Any, TextIO
 
 import sqlalchemy as sa
 
-from sqlflag._cli import (
+from sqlflag.cli.main import (
     EXIT_ERROR,
     EXIT_OK,
     PROG,

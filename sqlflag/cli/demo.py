@@ -1,6 +1,6 @@
 """``sqlflag demo``: worker processes elect a leader; a crash and a graceful handover, timed.
 
-The demo (parent) starts N worker processes (``python -m sqlflag._demo NAME PROCESS INTERVAL``,
+The demo (parent) starts N worker processes (``python -m sqlflag.cli.demo NAME PROCESS INTERVAL``,
 the URL in ``$SQLFLAG_URL``). Each builds a real :class:`sqlflag.Flag` and reports what happens
 to it as JSON lines on its stdout, stamped with the machine-wide monotonic clock, so the parent
 can time a takeover across processes. A worker closes its flag (and so releases the lease) on
@@ -28,7 +28,7 @@ from typing import IO, Any, TextIO
 
 import sqlalchemy as sa
 
-from sqlflag._cli import (
+from sqlflag.cli.main import (
     EXIT_ERROR,
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -181,7 +181,7 @@ class Demo:
         env = dict(os.environ)
         env["SQLFLAG_URL"] = self.url.render_as_string(hide_password=False)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sqlflag._demo", self.name, label, repr(self.interval)],
+            [sys.executable, "-m", "sqlflag.cli.demo", self.name, label, repr(self.interval)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
@@ -502,7 +502,7 @@ def add_parser(subparsers: SubParsers, parents: Sequence[argparse.ArgumentParser
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from sqlflag import _migrate
-    from sqlflag._cli_status import open_engine
+    from sqlflag.cli.status import open_engine
 
     url: sa.URL | None = None
     demo: Demo | None = None

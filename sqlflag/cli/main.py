@@ -230,11 +230,11 @@ def build_parser() -> argparse.ArgumentParser:
     parents = [_common_parent()]
     _add_migrate(subparsers, parents)
     # Imported here: these modules import helpers from this one.
-    from sqlflag import _cli_run, _cli_status, _demo
+    from sqlflag.cli import demo, run, status
 
-    _cli_status.add_parser(subparsers, parents)
-    _cli_run.add_parser(subparsers, parents)
-    _demo.add_parser(subparsers, parents)
+    status.add_parser(subparsers, parents)
+    run.add_parser(subparsers, parents)
+    demo.add_parser(subparsers, parents)
     return parser
 
 

@@ -34,8 +34,8 @@ import sqlalchemy as sa
 
 import sqlflag
 from sqlflag._builder import timing
-from sqlflag._cli import PROG, SubParsers, add_schema_argument, describe_error, positive_seconds
-from sqlflag._cli_status import open_engine, require_table
+from sqlflag.cli.main import PROG, SubParsers, add_schema_argument, describe_error, positive_seconds
+from sqlflag.cli.status import open_engine, require_table
 
 __all__ = [
     "EXIT_LOST",

@@ -1,0 +1,1 @@
+"""The ``sqlflag`` command line: ``main`` in :mod:`sqlflag.cli.main`, one module per command."""
