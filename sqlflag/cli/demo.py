@@ -28,17 +28,17 @@ from typing import IO, Any, TextIO
 
 import sqlalchemy as sa
 
-from sqlflag.cli.main import (
-    EXIT_ERROR,
+from sqlflag.cli._common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     PROG,
     CliError,
     SubParsers,
-    describe_error,
-    parse_url,
-    resolve_url,
+    engine_on,
+    fail,
     safe_url,
+    seconds_between,
+    sync_url,
 )
 
 __all__ = ["add_parser", "worker_main"]
@@ -449,16 +449,6 @@ class Demo:
 # --------------------------------------------------------------------------- the command
 
 
-def _interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0.2 <= value <= 5:
-        raise argparse.ArgumentTypeError(f"must be between 0.2 and 5 seconds: {text!r}")
-    return value
-
-
 def _workers(text: str) -> int:
     try:
         value = int(text)
@@ -472,6 +462,7 @@ def _workers(text: str) -> int:
 
 
 def add_parser(subparsers: SubParsers, parents: Sequence[argparse.ArgumentParser]) -> None:
+    """Declare ``demo`` and its arguments on ``subparsers`` (``parents``: ``--url``)."""
     parser = subparsers.add_parser(
         "demo",
         parents=list(parents),
@@ -490,7 +481,7 @@ def add_parser(subparsers: SubParsers, parents: Sequence[argparse.ArgumentParser
         help="worker processes, 3 to 10 (default: %(default)s)",
     )
     parser.add_argument(
-        "--interval", type=_interval, default=1.0, metavar="S",
+        "--interval", type=seconds_between(0.2, 5), default=1.0, metavar="S",
         help="lease length in seconds, 0.2 to 5 (default: %(default)g)",
     )
     parser.add_argument(
@@ -501,8 +492,8 @@ def add_parser(subparsers: SubParsers, parents: Sequence[argparse.ArgumentParser
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """Migrate, run the demo's script, and stop every worker whatever happens."""
     from sqlflag import _migrate
-    from sqlflag.cli.status import open_engine
 
     url: sa.URL | None = None
     demo: Demo | None = None
@@ -513,22 +504,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     try:
-        url = parse_url(resolve_url(args.url))
-        if getattr(url.get_dialect(), "is_async", False):
-            raise CliError(
-                f"{safe_url(url)} names the async driver {url.drivername!r}; the demo needs a "
-                "sync one, for example postgresql+psycopg, mysql+pymysql or sqlite"
-            )
+        url = sync_url(args.url, needs="the demo")
         _migrate.upgrade(url)
-        url, engine = open_engine(args.url)
+        engine = engine_on(url)
         demo = Demo(url, args.name, args.workers, args.interval, sys.stdout, engine=engine)
         return demo.run()
     except (KeyboardInterrupt, _Stop):
         print(f"\n{PROG} demo: interrupted; stopping the workers", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:
-        print(f"{PROG}: error: {describe_error(exc, url)}", file=sys.stderr)
-        return EXIT_ERROR
+        return fail(exc, url)
     finally:
         if demo is not None:
             with contextlib.suppress(KeyboardInterrupt, _Stop):
