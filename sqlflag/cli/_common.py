@@ -23,6 +23,7 @@ import sqlalchemy as sa
 from alembic.util import CommandError
 from sqlalchemy import exc as sa_exc
 
+from sqlflag import _migrate
 from sqlflag._errors import SqlflagError
 from sqlflag._schema import TABLE_NAME
 
@@ -118,22 +119,13 @@ def resolve_url(cli_url: str | None) -> str:
 
 
 def parse_url(text: str) -> sa.URL:
-    """Parse a database URL, raising :class:`CliError` with a message that hides the text."""
-    try:
-        url = sa.make_url(text)
-    except sa_exc.ArgumentError:
-        raise CliError(
-            "invalid database URL; expected DIALECT[+DRIVER]://[USER[:PASSWORD]@]HOST[:PORT]/"
-            "DATABASE, for example sqlite:///sqlflag.db or "
-            "postgresql+psycopg://user:password@host/db"
-        ) from None
-    try:
-        url.get_dialect()
-    except sa_exc.NoSuchModuleError:
-        raise CliError(
-            f"unknown database dialect or driver {url.drivername!r} in {safe_url(url)}"
-        ) from None
-    return url
+    """Parse a database URL (:func:`sqlflag._migrate.parse_url`, with the command line's
+    examples), raising :class:`~sqlflag.ConfigurationError` with a message that hides the
+    text."""
+    return _migrate.parse_url(
+        text,
+        examples=", for example sqlite:///sqlflag.db or postgresql+psycopg://user:password@host/db",
+    )
 
 
 def sync_url(cli_url: str | None, needs: str = "the command line") -> sa.URL:

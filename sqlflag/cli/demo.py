@@ -28,6 +28,7 @@ from typing import IO, Any, TextIO
 
 import sqlalchemy as sa
 
+from sqlflag import _migrate
 from sqlflag.cli._common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
@@ -493,7 +494,6 @@ def add_parser(subparsers: SubParsers, parents: Sequence[argparse.ArgumentParser
 
 def cmd_demo(args: argparse.Namespace) -> int:
     """Migrate, run the demo's script, and stop every worker whatever happens."""
-    from sqlflag import _migrate
 
     url: sa.URL | None = None
     demo: Demo | None = None

@@ -9,6 +9,7 @@ from collections.abc import Sequence
 
 import sqlalchemy as sa
 
+from sqlflag import _migrate
 from sqlflag.cli._common import (
     EXIT_OK,
     PROG,
@@ -54,8 +55,6 @@ def add_parser(subparsers: SubParsers, parents: Sequence[argparse.ArgumentParser
 
 def cmd_migrate(args: argparse.Namespace) -> int:
     """Upgrade to ``--revision``, showing Alembic's progress lines; print the revision."""
-    from sqlflag import _migrate
-
     url: sa.URL | None = None
     try:
         # Async drivers are fine here: the migrations run through them.
