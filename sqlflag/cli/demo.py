@@ -227,13 +227,9 @@ class Demo:
             self.line(f"{label} LEADS with token {event['token']}", t)
         elif kind == "lowered":
             self._end_tenure(label, t, "lost its lease")
-            if self.leader == label:
-                self.leader = None
             self.line(f"{label} lowered its flag (tenure {event.get('token')})", t)
         elif kind == "released":
             self._end_tenure(label, t, "released (SIGTERM, close)")
-            if self.leader == label:
-                self.leader = None
             self.line(f"{label} released the flag (close took {event['took']:.3f} s)", t)
         elif kind == "exit":
             worker.gone = True
@@ -244,6 +240,9 @@ class Demo:
                 raise DemoError(f"{label} exited unexpectedly (exit code {code})")
 
     def _end_tenure(self, label: str, t: float, how: str) -> None:
+        """``label``'s open tenure ended at ``t`` (``how``); it no longer leads."""
+        if self.leader == label:
+            self.leader = None
         for tenure in reversed(self.tenures):
             if tenure.label == label and tenure.end is None:
                 tenure.end, tenure.how = t, how
