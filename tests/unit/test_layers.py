@@ -69,9 +69,13 @@ def _known(name: str) -> str | None:
     return None
 
 
-def _imports(module: str, tree: ast.Module) -> tuple[set[str], set[str]]:
-    """(modules of the package, top-level outside modules) that ``module`` imports."""
-    is_package = _files()[module].name == "__init__.py"
+def _imports(
+    module: str, tree: ast.Module, is_package: bool | None = None
+) -> tuple[set[str], set[str]]:
+    """(modules of the package, top-level outside modules) that ``module`` imports (its
+    source ``tree``; ``is_package``: it is an ``__init__``, None: look it up)."""
+    if is_package is None:
+        is_package = _files()[module].name == "__init__.py"
     package = module.split(".") if is_package else module.split(".")[:-1]
     inside: set[str] = set()
     outside: set[str] = set()
@@ -174,12 +178,27 @@ def test_the_checker_finds_a_circle_and_resolves_relative_imports() -> None:
     }
     assert cycles(edges) == [["a", "b", "c"], ["e", "f"]]
     assert cycles({"a": frozenset({"b"}), "b": frozenset()}) == []
-    # ``from ._dialects import Dialect`` (a package), ``from . import _batch`` (a module).
-    assert "sqlflag._dialects" in graph()["sqlflag._core"]
-    assert {"sqlflag._batch", "sqlflag._fork"} <= graph()["sqlflag._sync"]
-    # ``from .._errors import ...`` inside a subpackage; a lazy import in a function.
-    assert "sqlflag._errors" in graph()["sqlflag._dialects"]
-    assert "sqlflag._dialects.sqlite" in graph()["sqlflag._dialects"]
+    source = ast.parse(
+        "from typing import TYPE_CHECKING\n"
+        "import sqlite3, sqlflag._core\n"
+        "from .. import _errors\n"  # a module of the parent package
+        "from . import Dialect\n"  # a name of this package's __init__
+        "from .._schema import table\n"
+        "if TYPE_CHECKING:\n"
+        "    from sqlflag._metrics import FlagMetrics\n"
+        "def lazy():\n"
+        "    from sqlflag import _migrate, __version__\n"
+    )
+    inside, outside = _imports("sqlflag._dialects.mysql", source, is_package=False)
+    assert inside == {
+        "sqlflag._core", "sqlflag._errors", "sqlflag._dialects", "sqlflag._schema",
+        "sqlflag._metrics", "sqlflag._migrate", "sqlflag",
+    }
+    assert outside == {"typing", "sqlite3"}
+    # An __init__'s ``from . import x`` is its own submodule.
+    init = ast.parse("from . import _errors, Flag")
+    assert _imports("sqlflag", init, is_package=True)[0] == {"sqlflag._errors"}
+    assert "sqlflag._errors" in graph()["sqlflag"]
     assert len(graph()) > 20
 
 
