@@ -14,23 +14,30 @@ from __future__ import annotations
 import os
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from ._clock import monotonic
 
-if TYPE_CHECKING:
-    from ._core import FlagCore
-
 LABELS = ("name", "process")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+
+
+class LeaseSource(Protocol):
+    """What :meth:`FlagMetrics.bind` reads (a flag's core): the seconds of lease left.
+
+    A protocol, not the core's class, so that this module does not import the core back."""
+
+    def lease_left(self, now: float) -> float:
+        """Seconds until the tenure's lease runs out at monotonic time ``now``; 0 if none."""
+        ...
 
 
 class FlagMetrics(Protocol):
     """What the core reports; :class:`NoMetrics` when no subsystem is configured."""
 
-    def bind(self, core: FlagCore) -> None: ...
+    def bind(self, source: LeaseSource) -> None: ...
     def set_raised(self, token: int) -> None: ...
     def set_lowered(self, reason: str) -> None: ...
     def renewed(self, lease_left: float) -> None: ...
@@ -42,7 +49,7 @@ class FlagMetrics(Protocol):
 class NoMetrics:
     """Metrics switched off (no subsystem)."""
 
-    def bind(self, core: FlagCore) -> None:
+    def bind(self, source: LeaseSource) -> None:
         pass
 
     def set_raised(self, token: int) -> None:
@@ -162,11 +169,12 @@ class PrometheusMetrics:
         self._token.set(0)
         self._lease_left.set(0)
 
-    def bind(self, core: FlagCore) -> None:
-        """Single-process mode: the lease left, computed from ``core`` at every scrape."""
+    def bind(self, source: LeaseSource) -> None:
+        """Single-process mode: the lease left, read from ``source`` (the flag's core) at
+        every scrape. Held weakly: the registry outlives the flag."""
         if self._write_lease:
             return
-        ref = weakref.ref(core)
+        ref = weakref.ref(source)
 
         def lease_left() -> float:
             c = ref()

@@ -62,15 +62,16 @@ def migrations_path() -> Path:
     )
 
 
-def _parse_url(url: str | sa.URL) -> sa.URL:
+def parse_url(url: str | sa.URL, examples: str = " (for example sqlite:///sqlflag.db)") -> sa.URL:
+    """``url`` parsed, its dialect and driver loaded; :class:`ConfigurationError` otherwise,
+    with a message that does not repeat the text (it may hold a password) and ends with
+    ``examples`` (the command line shows its own)."""
     try:
         parsed = sa.make_url(url)
     except sa_exc.ArgumentError:
-        # The text is not repeated: it may hold a password.
         raise ConfigurationError(
             "invalid database URL; expected "
-            "DIALECT[+DRIVER]://[USER[:PASSWORD]@]HOST[:PORT]/DATABASE "
-            "(for example sqlite:///sqlflag.db)"
+            f"DIALECT[+DRIVER]://[USER[:PASSWORD]@]HOST[:PORT]/DATABASE{examples}"
         ) from None
     try:
         parsed.get_dialect()
@@ -100,7 +101,7 @@ def alembic_config(url: str | sa.URL, schema: str | None = None) -> Config:
     config = Config()
     # ConfigParser interpolates "%": escape it in case the path holds one.
     config.set_main_option("script_location", str(migrations_path()).replace("%", "%%"))
-    parsed = _parse_url(url)
+    parsed = parse_url(url)
     if schema is not None and parsed.get_backend_name() == "sqlite":
         raise ConfigurationError("schema is not supported on SQLite")
     config.attributes["url"] = parsed
@@ -149,7 +150,7 @@ async def _current_async(url: sa.URL, schema: str | None) -> tuple[str, ...]:
 def current(url: str | sa.URL, schema: str | None = None) -> tuple[str, ...]:
     """The revisions recorded in ``sqlflag_alembic_version`` of ``schema`` (empty if never
     migrated)."""
-    parsed = _parse_url(url)
+    parsed = parse_url(url)
     if parsed.get_dialect().is_async:
         return asyncio.run(_current_async(parsed, schema))
     engine = sa.create_engine(parsed, poolclass=NullPool)

@@ -34,7 +34,8 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.pool import NullPool
 
 import sqlflag
-from sqlflag import _cli, _migrate
+from sqlflag import _migrate
+from sqlflag.cli import main as _cli
 
 ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
@@ -640,7 +641,7 @@ def test_wheel_contains_migrations(installed: Installed, tmp_path: Path) -> None
     assert all(n.endswith(".py") for n in shipped)
     assert shipped == {p.name for p in (ROOT / "migrations" / "versions").glob("*.py")}
     assert {"sqlflag/_migrations/env.py", "sqlflag/_migrations/script.py.mako"} <= names
-    assert {"sqlflag/_migrate.py", "sqlflag/_cli.py", "sqlflag/__main__.py"} <= names
+    assert {"sqlflag/_migrate.py", "sqlflag/cli/main.py", "sqlflag/__main__.py"} <= names
     assert not [n for n in names if "__pycache__" in n]
 
     # The installed package finds its own migrations, not the checkout's.

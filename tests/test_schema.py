@@ -14,7 +14,8 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
 
 import sqlflag
-from sqlflag import _cli, _migrate
+from sqlflag import _migrate
+from sqlflag.cli import main as _cli
 
 WAIT = 10.0
 INTERVAL, TIMEOUT = 1.0, 0.3

@@ -16,7 +16,7 @@ from typing import Any
 from sqlflag._core import FlagCore, Report, Settings, Step, Transition
 from sqlflag._dialects import Outcome
 from sqlflag._dialects.sqlite import SQLite
-from sqlflag._metrics import FlagMetrics
+from sqlflag._metrics import FlagMetrics, LeaseSource
 
 #: Where every fake-clock test starts (not zero, so confusing a time with a duration shows).
 T0 = 1000.0
@@ -52,7 +52,7 @@ class OutcomeDialect(SQLite):
 class RecordingMetrics:
     """A FlagMetrics that remembers what the core reported, in order."""
 
-    bound: list[FlagCore] = field(default_factory=list)
+    bound: list[LeaseSource] = field(default_factory=list)
     raised: list[int] = field(default_factory=list)
     lowered: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
@@ -60,8 +60,8 @@ class RecordingMetrics:
     renewals: list[float] = field(default_factory=list)
     closed: int = 0
 
-    def bind(self, core: FlagCore) -> None:
-        self.bound.append(core)
+    def bind(self, source: LeaseSource) -> None:
+        self.bound.append(source)
 
     def set_raised(self, token: int) -> None:
         self.raised.append(token)

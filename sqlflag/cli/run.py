@@ -34,26 +34,26 @@ import sqlalchemy as sa
 
 import sqlflag
 from sqlflag._builder import timing
-from sqlflag._cli import PROG, SubParsers, add_schema_argument, describe_error, positive_seconds
-from sqlflag._cli_status import open_engine, require_table
+from sqlflag.cli._common import (
+    EXIT_ERROR,
+    EXIT_LOST,
+    EXIT_NOT_EXECUTABLE,
+    EXIT_NOT_FOUND,
+    EXIT_NOT_LEADER,
+    EXIT_USAGE,
+    PROG,
+    SubParsers,
+    add_schema_argument,
+    error_line,
+    fail,
+    log_lines,
+    non_negative_seconds,
+    open_engine,
+    positive_seconds,
+    require_table,
+)
 
-__all__ = [
-    "EXIT_LOST",
-    "EXIT_NOT_EXECUTABLE",
-    "EXIT_NOT_FOUND",
-    "EXIT_NOT_LEADER",
-    "add_parser",
-]
-
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-#: ``--wait`` ran out before the flag was raised; COMMAND never started.
-EXIT_NOT_LEADER = 3
-#: The flag was lost while COMMAND ran (restart policy ``never``); COMMAND was stopped.
-#: 75 is ``EX_TEMPFAIL`` of sysexits.h: a temporary failure, worth a retry.
-EXIT_LOST = 75
-EXIT_NOT_EXECUTABLE = 126
-EXIT_NOT_FOUND = 127
+__all__ = ["add_parser"]
 
 #: Seconds between a COMMAND's exit and its restart (policies on-failure and always).
 RESTART_DELAY = 1.0
@@ -333,12 +333,6 @@ class Runner:
 # --------------------------------------------------------------------------- the command
 
 
-def _non_negative_seconds(text: str) -> float:
-    if text.strip() in ("0", "0.0"):
-        return 0.0
-    return positive_seconds(text)
-
-
 EPILOG = f"""\
 The command gets SQLFLAG_NAME, SQLFLAG_TOKEN (the fencing token of this tenure) and
 SQLFLAG_PROCESS in its environment. It runs in its own process group; every signal sqlflag
@@ -375,6 +369,7 @@ examples:
 
 
 def add_parser(subparsers: SubParsers, parents: Sequence[argparse.ArgumentParser]) -> None:
+    """Declare ``run`` and its arguments on ``subparsers`` (``parents``: ``--url``)."""
     parser = subparsers.add_parser(
         "run",
         parents=list(parents),
@@ -410,7 +405,7 @@ def add_parser(subparsers: SubParsers, parents: Sequence[argparse.ArgumentParser
     )
     parser.add_argument(
         "--grace",
-        type=_non_negative_seconds,
+        type=non_negative_seconds,
         default=10.0,
         metavar="S",
         help="seconds between SIGTERM and SIGKILL when stopping the command "
@@ -424,7 +419,7 @@ def add_parser(subparsers: SubParsers, parents: Sequence[argparse.ArgumentParser
     )
     parser.add_argument(
         "--wait",
-        type=_non_negative_seconds,
+        type=non_negative_seconds,
         metavar="S",
         help=f"give up (exit code {EXIT_NOT_LEADER}) if the flag is not raised within S "
         "seconds; for cron jobs (default: wait forever)",
@@ -458,32 +453,30 @@ class _CommandError(Exception):
 
 
 def cmd_run(args: argparse.Namespace) -> int:
+    """Check COMMAND and the options, open the database, then hand over to :class:`Runner`."""
     command = list(args.command)
     if command and command[0] == "--":
         command = command[1:]
     if not command:
-        print(f"{PROG}: error: run: no COMMAND given; usage: {PROG} run --name N [options] "
-              "-- COMMAND [ARG ...]", file=sys.stderr)
+        error_line(f"run: no COMMAND given; usage: {PROG} run --name N [options] "
+                   "-- COMMAND [ARG ...]")
         return EXIT_USAGE
     try:
         _check_command(command)
     except _CommandError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        error_line(str(exc))
         return exc.code
     try:  # the builder's own rules and defaults (30 s; timeout min(1 s, interval / 4))
         args.interval, _ = timing(args.interval, args.timeout)
     except sqlflag.ConfigurationError as exc:
-        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        error_line(str(exc))
         return EXIT_USAGE
     process = args.process or f"{socket.gethostname()}:{os.getpid()}"
+    with log_lines("sqlflag", sys.stderr, f"{PROG} run", logging.WARNING, propagate=False):
+        return _run(args, command, process)
 
-    log_handler = logging.StreamHandler(sys.stderr)
-    log_handler.setFormatter(logging.Formatter(f"{PROG} run: %(message)s"))
-    log = logging.getLogger("sqlflag")
-    log.addHandler(log_handler)
-    log.setLevel(logging.WARNING)
-    log.propagate = False
 
+def _run(args: argparse.Namespace, command: list[str], process: str) -> int:
     url: sa.URL | None = None
     engine: sa.Engine | None = None
     wake = Wakeup()
@@ -506,8 +499,7 @@ def cmd_run(args: argparse.Namespace) -> int:
                 .build()
             )
         except Exception as exc:
-            print(f"{PROG}: error: {describe_error(exc, url)}", file=sys.stderr)
-            return EXIT_ERROR
+            return fail(exc, url, EXIT_ERROR)
         runner = Runner(args, flag, command, wake)
         handled = (*STOP_SIGNALS, *PASS_SIGNALS, signal.SIGCHLD)
         previous = {s: signal.signal(s, runner.on_signal) for s in handled}
@@ -526,4 +518,3 @@ def cmd_run(args: argparse.Namespace) -> int:
         if engine is not None:
             engine.dispose()
         wake.close()
-        log.removeHandler(log_handler)

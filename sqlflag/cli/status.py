@@ -1,16 +1,10 @@
-"""``sqlflag status``: who holds which flag, with which token, for how long still.
-
-Also the helpers the other commands share to open the database: :func:`open_engine` (a sync
-engine with a bounded connect time, never creating an SQLite file by accident) and
-:func:`require_table` (a missing table becomes one line telling to run ``sqlflag migrate``).
-"""
+"""``sqlflag status``: who holds which flag, with which token, for how long still."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Sequence
@@ -19,85 +13,23 @@ from typing import Any, TextIO
 
 import sqlalchemy as sa
 
-from sqlflag._cli import (
-    EXIT_ERROR,
+from sqlflag._inspect import FlagState, inspect
+from sqlflag._schema import schema_options, table
+from sqlflag.cli._common import (
     EXIT_OK,
     PROG,
-    CliError,
     SubParsers,
     add_schema_argument,
     describe_error,
-    parse_url,
+    error_line,
+    fail,
+    open_engine,
     positive_seconds,
-    resolve_url,
+    require_table,
     safe_url,
 )
-from sqlflag._inspect import FlagState, inspect
-from sqlflag._schema import TABLE_NAME, schema_options, table
 
-__all__ = ["add_parser", "format_seconds", "open_engine", "require_table", "state_rows"]
-
-#: How long connecting may take before the command gives up (drivers that support a bound).
-CONNECT_TIMEOUT = 10
-_CONNECT_TIMEOUT_ARG = {"psycopg": "connect_timeout", "psycopg2": "connect_timeout",
-                        "pymysql": "connect_timeout", "mysqldb": "connect_timeout"}
-
-
-# --------------------------------------------------------------------------- shared helpers
-
-
-def open_engine(cli_url: str | None, **options: Any) -> tuple[sa.URL, sa.Engine]:
-    """A sync engine on ``--url`` / ``$SQLFLAG_URL`` / the default, or :class:`CliError`.
-
-    An SQLite file that does not exist is an error (connecting would create an empty one), as
-    is an async driver (the command line uses sync drivers).
-    """
-    url = parse_url(resolve_url(cli_url))
-    dialect = url.get_dialect()
-    if getattr(dialect, "is_async", False):
-        raise CliError(
-            f"{safe_url(url)} names the async driver {url.drivername!r}; the command line "
-            "needs a sync one, for example postgresql+psycopg, mysql+pymysql or sqlite"
-        )
-    if url.get_backend_name() == "sqlite":
-        database = url.database or ""
-        if database in ("", ":memory:") or database.startswith("file:"):
-            if not database.startswith("file:"):
-                raise CliError(
-                    f"{safe_url(url)} is an in-memory SQLite database, private to one "
-                    "process: use a file, for example sqlite:///sqlflag.db"
-                )
-        elif not os.path.exists(database):
-            raise CliError(
-                f"the SQLite database file {database!r} does not exist: run `{PROG} migrate` "
-                "first (with the same --url)"
-            )
-    arg = _CONNECT_TIMEOUT_ARG.get(url.get_driver_name())
-    if arg is not None and arg not in url.query:
-        connect_args = dict(options.pop("connect_args", {}))
-        connect_args.setdefault(arg, CONNECT_TIMEOUT)
-        options["connect_args"] = connect_args
-    return url, sa.create_engine(url, **options)
-
-
-def missing_table_message(url: sa.URL, schema: str | None = None) -> str:
-    if schema is None:
-        return (
-            f"table {TABLE_NAME!r} does not exist in {safe_url(url)}: run `{PROG} migrate` "
-            "first (with the same --url)"
-        )
-    return (
-        f"table {TABLE_NAME!r} does not exist in schema {schema!r} of {safe_url(url)}: run "
-        f"`{PROG} migrate --schema {schema}` first (with the same --url)"
-    )
-
-
-def require_table(conn: sa.Connection, url: sa.URL, schema: str | None = None) -> None:
-    """:class:`CliError` telling to run ``sqlflag migrate`` when the table is missing."""
-    if schema is not None and conn.dialect.name == "sqlite":
-        raise CliError("--schema is not supported on SQLite")
-    if not sa.inspect(conn).has_table(TABLE_NAME, schema=schema):
-        raise CliError(missing_table_message(url, schema))
+__all__ = ["add_parser", "format_seconds", "state_rows"]
 
 
 def format_seconds(seconds: float) -> str:
@@ -182,6 +114,7 @@ def as_json(states: Sequence[FlagState]) -> list[dict[str, Any]]:
 
 
 def add_parser(subparsers: SubParsers, parents: Sequence[argparse.ArgumentParser]) -> None:
+    """Declare ``status`` and its arguments on ``subparsers`` (``parents``: ``--url``)."""
     parser = subparsers.add_parser(
         "status",
         parents=list(parents),
@@ -237,13 +170,12 @@ def _print_once(
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    url: sa.URL | None = None
+    """Print the flags once, or refresh them with ``--watch``."""
     out = sys.stdout
     try:
         url, engine = open_engine(args.url)
     except Exception as exc:
-        print(f"{PROG}: error: {describe_error(exc, url)}", file=sys.stderr)
-        return EXIT_ERROR
+        return fail(exc)
     try:
         try:
             if not args.watch:
@@ -251,8 +183,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 return EXIT_OK
             return _watch(engine, url, args, out)
         except Exception as exc:
-            print(f"{PROG}: error: {describe_error(exc, url)}", file=sys.stderr)
-            return EXIT_ERROR
+            return fail(exc, url)
     finally:
         engine.dispose()
 
@@ -271,7 +202,7 @@ def _watch(engine: sa.Engine, url: sa.URL, args: argparse.Namespace, out: TextIO
                 except Exception as exc:
                     if first:
                         raise
-                    print(f"{PROG}: error: {describe_error(exc, url)}", file=sys.stderr)
+                    error_line(describe_error(exc, url))
             else:
                 try:
                     states, released = read_states(engine, url, args.name, args.schema)

@@ -1,6 +1,6 @@
 """``sqlflag demo``: worker processes elect a leader; a crash and a graceful handover, timed.
 
-The demo (parent) starts N worker processes (``python -m sqlflag._demo NAME PROCESS INTERVAL``,
+The demo (parent) starts N worker processes (``python -m sqlflag.cli.demo NAME PROCESS INTERVAL``,
 the URL in ``$SQLFLAG_URL``). Each builds a real :class:`sqlflag.Flag` and reports what happens
 to it as JSON lines on its stdout, stamped with the machine-wide monotonic clock, so the parent
 can time a takeover across processes. A worker closes its flag (and so releases the lease) on
@@ -28,17 +28,18 @@ from typing import IO, Any, TextIO
 
 import sqlalchemy as sa
 
-from sqlflag._cli import (
-    EXIT_ERROR,
+from sqlflag import _migrate
+from sqlflag.cli._common import (
     EXIT_INTERRUPTED,
     EXIT_OK,
     PROG,
     CliError,
     SubParsers,
-    describe_error,
-    parse_url,
-    resolve_url,
+    engine_on,
+    fail,
     safe_url,
+    seconds_between,
+    sync_url,
 )
 
 __all__ = ["add_parser", "worker_main"]
@@ -181,7 +182,7 @@ class Demo:
         env = dict(os.environ)
         env["SQLFLAG_URL"] = self.url.render_as_string(hide_password=False)
         proc = subprocess.Popen(
-            [sys.executable, "-m", "sqlflag._demo", self.name, label, repr(self.interval)],
+            [sys.executable, "-m", "sqlflag.cli.demo", self.name, label, repr(self.interval)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             env=env,
@@ -226,13 +227,9 @@ class Demo:
             self.line(f"{label} LEADS with token {event['token']}", t)
         elif kind == "lowered":
             self._end_tenure(label, t, "lost its lease")
-            if self.leader == label:
-                self.leader = None
             self.line(f"{label} lowered its flag (tenure {event.get('token')})", t)
         elif kind == "released":
             self._end_tenure(label, t, "released (SIGTERM, close)")
-            if self.leader == label:
-                self.leader = None
             self.line(f"{label} released the flag (close took {event['took']:.3f} s)", t)
         elif kind == "exit":
             worker.gone = True
@@ -243,6 +240,9 @@ class Demo:
                 raise DemoError(f"{label} exited unexpectedly (exit code {code})")
 
     def _end_tenure(self, label: str, t: float, how: str) -> None:
+        """``label``'s open tenure ended at ``t`` (``how``); it no longer leads."""
+        if self.leader == label:
+            self.leader = None
         for tenure in reversed(self.tenures):
             if tenure.label == label and tenure.end is None:
                 tenure.end, tenure.how = t, how
@@ -449,16 +449,6 @@ class Demo:
 # --------------------------------------------------------------------------- the command
 
 
-def _interval(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number of seconds: {text!r}") from None
-    if not 0.2 <= value <= 5:
-        raise argparse.ArgumentTypeError(f"must be between 0.2 and 5 seconds: {text!r}")
-    return value
-
-
 def _workers(text: str) -> int:
     try:
         value = int(text)
@@ -472,6 +462,7 @@ def _workers(text: str) -> int:
 
 
 def add_parser(subparsers: SubParsers, parents: Sequence[argparse.ArgumentParser]) -> None:
+    """Declare ``demo`` and its arguments on ``subparsers`` (``parents``: ``--url``)."""
     parser = subparsers.add_parser(
         "demo",
         parents=list(parents),
@@ -490,7 +481,7 @@ def add_parser(subparsers: SubParsers, parents: Sequence[argparse.ArgumentParser
         help="worker processes, 3 to 10 (default: %(default)s)",
     )
     parser.add_argument(
-        "--interval", type=_interval, default=1.0, metavar="S",
+        "--interval", type=seconds_between(0.2, 5), default=1.0, metavar="S",
         help="lease length in seconds, 0.2 to 5 (default: %(default)g)",
     )
     parser.add_argument(
@@ -501,8 +492,7 @@ def add_parser(subparsers: SubParsers, parents: Sequence[argparse.ArgumentParser
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from sqlflag import _migrate
-    from sqlflag._cli_status import open_engine
+    """Migrate, run the demo's script, and stop every worker whatever happens."""
 
     url: sa.URL | None = None
     demo: Demo | None = None
@@ -513,22 +503,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
     signal.signal(signal.SIGTERM, on_term)
     try:
-        url = parse_url(resolve_url(args.url))
-        if getattr(url.get_dialect(), "is_async", False):
-            raise CliError(
-                f"{safe_url(url)} names the async driver {url.drivername!r}; the demo needs a "
-                "sync one, for example postgresql+psycopg, mysql+pymysql or sqlite"
-            )
+        url = sync_url(args.url, needs="the demo")
         _migrate.upgrade(url)
-        url, engine = open_engine(args.url)
+        engine = engine_on(url)
         demo = Demo(url, args.name, args.workers, args.interval, sys.stdout, engine=engine)
         return demo.run()
     except (KeyboardInterrupt, _Stop):
         print(f"\n{PROG} demo: interrupted; stopping the workers", file=sys.stderr)
         return EXIT_INTERRUPTED
     except Exception as exc:
-        print(f"{PROG}: error: {describe_error(exc, url)}", file=sys.stderr)
-        return EXIT_ERROR
+        return fail(exc, url)
     finally:
         if demo is not None:
             with contextlib.suppress(KeyboardInterrupt, _Stop):
