@@ -17,7 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from . import _batch, _fork
 from ._clock import monotonic
 from ._core import FlagCore, Report, Step, Transition
-from ._dialects import Dialect
+from ._dialects import Database
 from ._listen import AsyncListener
 from ._queue import Deadlines, DueQueue
 from ._schema import schema_options
@@ -36,7 +36,7 @@ class AsyncScheduler:
 
     @classmethod
     def get(
-        cls, engine: AsyncEngine, dialect: Dialect, timeout: float, schema: str | None = None
+        cls, engine: AsyncEngine, dialect: Database, timeout: float, schema: str | None = None
     ) -> AsyncScheduler:
         loop = asyncio.get_running_loop()
         per_loop = cls._all.setdefault(loop, {})
@@ -50,7 +50,7 @@ class AsyncScheduler:
     def __init__(
         self,
         engine: AsyncEngine,
-        dialect: Dialect,
+        dialect: Database,
         timeout: float,
         key: Any,
         schema: str | None = None,
@@ -281,11 +281,7 @@ class AsyncScheduler:
                         sync.connection.dbapi_connection, self.timeout
                     )
                 )
-                dialect = conn.dialect
-                info = str(getattr(dialect, "server_version_info", "")) + (
-                    " mariadb" if getattr(dialect, "is_mariadb", False) else ""
-                )
-                for sql in self.dialect.session_setup(self.timeout, info):
+                for sql in self.dialect.session_setup(self.timeout, conn.dialect):
                     await conn.exec_driver_sql(sql)
             except BaseException:
                 await conn.invalidate()

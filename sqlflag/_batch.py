@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from typing import Any, Generic
 
 from ._core import Report
-from ._dialects import Dialect
+from ._dialects import Database
 from ._queue import F
 
 BATCH_SIZE = 1000
@@ -27,7 +27,7 @@ class Batch(Generic[F]):
     tokens: list[int]
 
 
-def batches(dialect: Dialect, members: list[tuple[F, tuple[str, str, int]]]) -> list[Batch[F]]:
+def batches(dialect: Database, members: list[tuple[F, tuple[str, str, int]]]) -> list[Batch[F]]:
     """The statements renewing ``members`` (flag, renewal key), ``BATCH_SIZE`` at most each."""
     out: list[Batch[F]] = []
     for start in range(0, len(members), BATCH_SIZE):
@@ -40,7 +40,7 @@ def batches(dialect: Dialect, members: list[tuple[F, tuple[str, str, int]]]) -> 
     return out
 
 
-def renewed(dialect: Dialect, batch: Batch[Any], result: Any) -> set[str]:
+def renewed(dialect: Database, batch: Batch[Any], result: Any) -> set[str]:
     """Names of the flags the batch renewed."""
     names = dialect.renewed(result, len(batch.flags))
     if names is None:  # the dialect only knows how many: all or (to be safe) none

@@ -16,7 +16,7 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 
 from . import _fork
 from ._core import FlagCore, Settings
-from ._dialects import Dialect, for_dialect
+from ._dialects import Database, for_dialect
 from ._errors import ConfigurationError, SchemaError
 from ._metrics import FlagMetrics, NoMetrics, PrometheusMetrics
 from ._schema import REQUIRED_COLUMNS, TABLE_NAME, exact_collation, metadata, schema_options
@@ -272,7 +272,7 @@ class FlagBuilder(Generic[FlagT]):
             raise ConfigurationError(f"schema must be a non-empty string; got {self._schema!r}")
         return Settings(name, process, interval, timeout, float(jitter))
 
-    def _dialect(self, url: sa.URL, dialect: sa.Dialect) -> Dialect:
+    def _dialect(self, url: sa.URL, dialect: sa.Dialect) -> Database:
         ops = for_dialect(dialect)
         if ops.name == "sqlite" and self._schema is not None:
             raise ConfigurationError(
@@ -285,7 +285,7 @@ class FlagBuilder(Generic[FlagT]):
             )
         return ops
 
-    def _core(self, settings: Settings, ops: Dialect) -> FlagCore:
+    def _core(self, settings: Settings, ops: Database) -> FlagCore:
         logger = self._logger or logging.getLogger("sqlflag")
         metrics: FlagMetrics = (
             PrometheusMetrics(settings.name, settings.process, self._subsystem, self._registry)
@@ -318,6 +318,7 @@ class FlagBuilder(Generic[FlagT]):
         schema: str | None = self._schema
         _fork.watch(engine)
         with _fork.connect(engine) as conn:  # never a connection inherited through fork()
+            ops = for_dialect(conn.dialect)  # connected: MariaDB told from MySQL
             conn.execution_options(**schema_options(schema))
             prepare(conn, ops, settings.name, self._create_table, schema)
             row = conn.execute(ops.read_row, {"p_name": settings.name}).first()
@@ -358,6 +359,7 @@ class FlagBuilder(Generic[FlagT]):
         _fork.watch(engine.sync_engine)
         conn = await _fork.connect_async(engine)  # never a connection inherited through fork()
         try:
+            ops = for_dialect(conn.dialect)  # connected: MariaDB told from MySQL
             await conn.execution_options(**schema_options(schema))
             await conn.run_sync(prepare, ops, settings.name, self._create_table, schema)
             row = (await conn.execute(ops.read_row, {"p_name": settings.name})).first()
@@ -414,7 +416,7 @@ _schema_ok: weakref.WeakKeyDictionary[sa.Engine, set[str | None]] = weakref.Weak
 
 
 def prepare(
-    conn: sa.Connection, ops: Dialect, name: str, create: bool, schema: str | None = None
+    conn: sa.Connection, ops: Database, name: str, create: bool, schema: str | None = None
 ) -> None:
     """Check (or create) the table in ``schema`` and make sure the flag's row exists
     (``conn`` translates sqlflag's table to ``schema`` already). Commits."""

@@ -12,14 +12,14 @@ from __future__ import annotations
 import logging
 import math
 import random
-import sqlite3
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any
 
 import sqlalchemy as sa
 
-from ._dialects import Dialect, InvalidRow, Outcome
+from ._dialects import Database, InvalidRow, Outcome
+from ._kinds import ErrorKind, LoweredReason, StepKind, TransitionReason
 from ._metrics import FlagMetrics
 
 #: A holder stops reading ``raised == True`` this fraction of ``interval`` before its lease
@@ -56,14 +56,14 @@ class Transition:
 
     raised: bool
     token: int | None
-    reason: str
+    reason: TransitionReason
 
 
 @dataclass(frozen=True)
 class Step:
     """One statement for the shell to run (``statement`` None: nothing to send this time)."""
 
-    kind: str  # "check", "release", "ensure" or "skip"
+    kind: StepKind
     statement: sa.Executable | None
     params: dict[str, Any]
     token: int | None = None
@@ -99,8 +99,8 @@ class Health:
     consecutive_failures: int
     #: The most recent error, one line (kept after recovery; see ``consecutive_failures``).
     last_error: str | None
-    #: Its kind, as in the errors metric: timeout, connection, database, invalid_row, other.
-    last_error_kind: str | None
+    #: Its kind, as in the errors metric (see ``ERROR_KINDS``).
+    last_error_kind: ErrorKind | None
     #: This process holds the flag (the same as ``flag.raised``).
     raised: bool
     #: The fencing token of this process's tenure; None while lowered.
@@ -118,73 +118,13 @@ class Health:
     closed: bool
 
 
-def classify(exc: BaseException) -> str:
-    """A short, stable name for what went wrong: the ``kind`` label of the errors metric."""
-    if isinstance(exc, InvalidRow):
-        return "invalid_row"
-    if isinstance(exc, sa.exc.TimeoutError | TimeoutError) or _caused_by_timeout(exc):
-        return "timeout"
-    orig = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
-    if type(orig).__name__ == "ConnectionTimeout":  # psycopg: connect_timeout ran out
-        return "timeout"
-    if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
-        return "connection"
-    # MySQL drivers: a numeric error code first (PyMySQL also sets a ``sqlstate``, but a
-    # MySQL one: 70100 for max_statement_time, HY000 for a lock wait timeout).
-    args = getattr(orig, "args", ())
-    # An OSError's first argument is an errno, not a MySQL code (asyncpg raises a bare
-    # ConnectionRefusedError when the server is unreachable).
-    code = args[0] if args and isinstance(args[0], int) and not isinstance(orig, OSError) else None
-    if code is not None:
-        if code in (1205, 1969, 3024):
-            return "timeout"
-        if code in (1927, 2002, 2003, 2006, 2013, 2055):
-            return "connection"
-        if code == 1213:  # deadlock; on Galera also a certification conflict with another node
-            return "conflict"
-        return "database"
-    sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
-    if isinstance(sqlstate, str):
-        if sqlstate in ("57014", "55P03"):
-            return "timeout"
-        if sqlstate.startswith("08") or sqlstate in ("57P01", "57P02", "57P03"):
-            return "connection"
-        return "database"
-    if isinstance(exc, sa.exc.OperationalError) and (
-        hasattr(orig, "sqlstate") or hasattr(orig, "pgcode")
-    ):
-        # psycopg: the server reports every error with a SQLSTATE; an OperationalError without
-        # one failed on the client side (connecting, or the connection broke).
-        return "connection"
-    if isinstance(orig, sqlite3.OperationalError) and "locked" in str(orig):
-        return "timeout"
-    if isinstance(exc, sa.exc.InterfaceError | sa.exc.DisconnectionError | ConnectionError):
-        return "connection"
-    if isinstance(exc, sa.exc.DBAPIError):
-        return "database"
-    return "other"
-
-
-def _caused_by_timeout(exc: BaseException) -> bool:
-    """A driver error raised because a client-side bound ran out (a TimeoutError in its
-    chain: PyMySQL's socket timeout, sqlflag's own watchdog on psycopg)."""
-    seen: set[int] = set()
-    cause: BaseException | None = exc
-    while cause is not None and id(cause) not in seen:
-        if isinstance(cause, TimeoutError):
-            return True
-        seen.add(id(cause))
-        cause = cause.__cause__ or cause.__context__
-    return False
-
-
 class FlagCore:
     """The state of one flag in one process, and every decision about it."""
 
     def __init__(
         self,
         settings: Settings,
-        dialect: Dialect,
+        dialect: Database,
         logger: logging.Logger,
         metrics: FlagMetrics,
         rng: random.Random | None = None,
@@ -198,7 +138,7 @@ class FlagCore:
         self._deadline = -math.inf  # local monotonic time ``raised`` turns false
         self._abandoned: int | None = None  # a tenure lowered by its deadline: never raise it again
         self._to_release: int | None = None  # a late renewal of an abandoned tenure: give it back
-        self._error_kind: str | None = None
+        self._error_kind: ErrorKind | None = None
         self._failures = 0
         self._precheck_ok = True
         self._need_row = False
@@ -213,7 +153,7 @@ class FlagCore:
         self._doubt_since = 0.0  # ...first seen then
         self._last_success: float | None = None  # monotonic time the last answer arrived
         self._last_error: str | None = None
-        self._last_error_kind: str | None = None
+        self._last_error_kind: ErrorKind | None = None
         self._seen_holder: str | None = None  # the lease as the last successful check saw it
         self._seen_token: int | None = None
         self._seen_left: tuple[float, float] | None = None  # (lease left, when seen)
@@ -357,7 +297,7 @@ class FlagCore:
             return None
         return self._step("release", self.dialect.release, self._to_release)
 
-    def _step(self, kind: str, statement: sa.Executable, token: int | None) -> Step:
+    def _step(self, kind: StepKind, statement: sa.Executable, token: int | None) -> Step:
         s = self.settings
         params = self.dialect.params(s.name, s.process, token, s.interval)
         return Step(kind, statement, params, token)
@@ -489,7 +429,7 @@ class FlagCore:
 
     def _failed(self, now: float, error: BaseException) -> Report:
         s = self.settings
-        kind = classify(error)
+        kind = self.dialect.classify(error)
         if self._in_doubt is None:
             self._in_doubt = self._last_token
         self._failures += 1
@@ -548,7 +488,7 @@ class FlagCore:
             return self._lower(now, "expired")
         return []
 
-    def _lower(self, now: float, reason: str) -> list[Transition]:
+    def _lower(self, now: float, reason: LoweredReason) -> list[Transition]:
         token = self._tenure
         if token is None:
             return []

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
 
 from ._clock import monotonic
+from ._kinds import ERROR_KINDS, LOWERED_REASONS, ErrorKind, LoweredReason
 
 LABELS = ("name", "process")
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
@@ -39,9 +40,9 @@ class FlagMetrics(Protocol):
 
     def bind(self, source: LeaseSource) -> None: ...
     def set_raised(self, token: int) -> None: ...
-    def set_lowered(self, reason: str) -> None: ...
+    def set_lowered(self, reason: LoweredReason) -> None: ...
     def renewed(self, lease_left: float) -> None: ...
-    def error(self, kind: str) -> None: ...
+    def error(self, kind: ErrorKind) -> None: ...
     def observe_latency(self, seconds: float) -> None: ...
     def close(self) -> None: ...
 
@@ -55,13 +56,13 @@ class NoMetrics:
     def set_raised(self, token: int) -> None:
         pass
 
-    def set_lowered(self, reason: str) -> None:
+    def set_lowered(self, reason: LoweredReason) -> None:
         pass
 
     def renewed(self, lease_left: float) -> None:
         pass
 
-    def error(self, kind: str) -> None:
+    def error(self, kind: ErrorKind) -> None:
         pass
 
     def observe_latency(self, seconds: float) -> None:
@@ -106,14 +107,13 @@ class _Families:
         self.lowerings = make(
             Counter,
             "leadership_flag_lowered",
-            "Tenures that ended, by reason: closed, precheck, expired, stolen.",
+            f"Tenures that ended, by reason: {', '.join(LOWERED_REASONS)}.",
             (*LABELS, "reason"),
         )
         self.errors = make(
             Counter,
             "leadership_flag_errors",
-            "Failed statements, by kind: timeout, connection, conflict, database, invalid_row, "
-            "other.",
+            f"Failed statements, by kind: {', '.join(ERROR_KINDS)}.",
             (*LABELS, "kind"),
         )
         self.latency = make(
@@ -187,7 +187,7 @@ class PrometheusMetrics:
         self._token.set(token)
         self._acquisitions.inc()
 
-    def set_lowered(self, reason: str) -> None:
+    def set_lowered(self, reason: LoweredReason) -> None:
         self._state.set(0)
         self._token.set(0)
         if self._write_lease:
@@ -199,7 +199,7 @@ class PrometheusMetrics:
         if self._write_lease:
             self._lease_left.set(lease_left)
 
-    def error(self, kind: str) -> None:
+    def error(self, kind: ErrorKind) -> None:
         self._f.errors.labels(*self._labels, kind).inc()
 
     def observe_latency(self, seconds: float) -> None:

@@ -13,21 +13,14 @@ TABLE_NAME = "leadership_flags"
 #: own text format, filled to the millisecond (SQLite's clock stops there).
 Timestamp = sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 
-#: MySQL/MariaDB collations that compare byte for byte, trailing spaces included (NO PAD).
-#: ``utf8mb4_bin`` is not one: it is PAD SPACE, ``'report' = 'report '`` there.
-MARIADB_EXACT = "utf8mb4_nopad_bin"  # MariaDB 10.2 and later
-MYSQL_EXACT = "utf8mb4_0900_bin"  # MySQL 8.0.17 and later
-#: Older servers have no NO PAD binary collation: case is still exact, trailing spaces not.
-LEGACY_EXACT = "utf8mb4_bin"
-
-
 def exact_collation(dialect: sa.Dialect) -> str:
-    """The NO PAD binary collation of this MySQL or MariaDB server (by its version when
-    connected; a dialect that never connected is taken to be a current server)."""
-    version = getattr(dialect, "server_version_info", None) or ()
-    if getattr(dialect, "is_mariadb", False):
-        return MARIADB_EXACT if not version or version >= (10, 2) else LEGACY_EXACT
-    return MYSQL_EXACT if not version or version >= (8, 0, 17) else LEGACY_EXACT
+    """The NO PAD binary collation of this MySQL or MariaDB server, as its database class
+    tells from the SQLAlchemy dialect (see ``MySQL.exact_collation``)."""
+    from ._dialects import for_dialect
+
+    collation = for_dialect(dialect).exact_collation(dialect)
+    assert collation is not None, f"{dialect.name} needs no collation"
+    return collation
 
 
 class ExactName(sa.types.TypeDecorator[str]):

@@ -21,7 +21,7 @@ import sqlalchemy as sa
 from . import _batch, _fork
 from ._clock import monotonic
 from ._core import FlagCore, Report, Step, Transition
-from ._dialects import Dialect
+from ._dialects import Database
 from ._listen import Listener
 from ._queue import Deadlines, DueQueue
 from ._schema import schema_options
@@ -105,7 +105,7 @@ class Scheduler:
 
     @classmethod
     def get(
-        cls, engine: sa.Engine, dialect: Dialect, timeout: float, schema: str | None = None
+        cls, engine: sa.Engine, dialect: Database, timeout: float, schema: str | None = None
     ) -> Scheduler:
         with cls._lock:
             key = (id(engine), timeout, schema)
@@ -118,7 +118,7 @@ class Scheduler:
     def __init__(
         self,
         engine: sa.Engine,
-        dialect: Dialect,
+        dialect: Database,
         timeout: float,
         key: Any,
         schema: str | None = None,
@@ -316,10 +316,7 @@ class Scheduler:
                     isolation_level="AUTOCOMMIT", **schema_options(self.schema)
                 )
                 self.dialect.configure_dbapi(conn.connection.dbapi_connection, self.timeout)
-                info = str(getattr(conn.dialect, "server_version_info", "")) + (
-                    " mariadb" if getattr(conn.dialect, "is_mariadb", False) else ""
-                )
-                for sql in self.dialect.session_setup(self.timeout, info):
+                for sql in self.dialect.session_setup(self.timeout, conn.dialect):
                     conn.exec_driver_sql(sql)
             except BaseException:
                 conn.invalidate()
@@ -520,7 +517,7 @@ _connecting = _Connecting()
 _bounded: weakref.WeakSet[sa.Engine] = weakref.WeakSet()
 
 
-def _bound_connects(engine: sa.Engine, dialect: Dialect) -> None:
+def _bound_connects(engine: sa.Engine, dialect: Database) -> None:
     """Bound connecting for sqlflag's own connections on ``engine`` (once per engine): while
     a scheduler connects, the driver gets a connect timeout unless the app set one."""
     if engine in _bounded:

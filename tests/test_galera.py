@@ -13,9 +13,11 @@ import threading
 import pytest
 import sqlalchemy as sa
 
-from sqlflag._core import classify
+from sqlflag._dialects import by_name
 
 pytestmark = pytest.mark.dialects("mariadb")
+
+classify = by_name("mariadb").classify
 
 
 def _deadlock(engine: sa.Engine) -> BaseException:

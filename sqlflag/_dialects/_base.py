@@ -1,4 +1,5 @@
-"""What every dialect provides: the conditional statement, its meaning, session set-up."""
+"""What every database provides: the conditional statement, its meaning, session set-up,
+what its errors mean; and the registry of databases by name."""
 
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ from typing import Any, ClassVar
 import sqlalchemy as sa
 from sqlalchemy.engine import CursorResult
 
+from .._kinds import ErrorKind
 from .._schema import table
 
 t = table
@@ -63,16 +65,26 @@ def as_seconds(value: Any) -> float | None:
     return seconds if math.isfinite(seconds) else None
 
 
-class Dialect(abc.ABC):
-    """One database's statements; built once, compiled once per engine by SQLAlchemy's cache.
+#: Every database class by its name, filled as each module is imported (see ``__init__``).
+registry: dict[str, type[Database]] = {}
+
+
+class Database(abc.ABC):
+    """Everything sqlflag knows about one database: its statements (built once, compiled once
+    per engine by SQLAlchemy's cache), its session set-up and what its errors mean.
 
     Bound parameters: ``p_name``, ``p_process``, ``p_token`` and ``p_interval`` (see
-    :meth:`interval_param`).
+    :meth:`interval_param`). A subclass that sets ``name`` registers itself under it.
     """
 
     name: ClassVar[str]
     #: Channel a release notifies (PostgreSQL LISTEN/NOTIFY); None where there is none.
     notify_channel: ClassVar[str | None] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "name" in cls.__dict__:
+            registry[cls.name] = cls
 
     def __init__(self) -> None:
         self.check = self.build_check()
@@ -213,6 +225,71 @@ class Dialect(abc.ABC):
         return
 
     @abc.abstractmethod
-    def session_setup(self, timeout: float, server_info: str) -> list[str]:
+    def session_setup(self, timeout: float, dialect: sa.Dialect) -> list[str]:
         """SQL run once on each connection sqlflag keeps, so every statement is bounded by
-        ``timeout`` on the server with no ``SET`` before each check."""
+        ``timeout`` on the server with no ``SET`` before each check.
+
+        Args:
+            timeout: the flag's statement bound, in seconds.
+            dialect: the connected SQLAlchemy dialect (its ``server_version_info`` tells
+                what the server supports).
+        """
+
+    def exact_collation(self, dialect: sa.Dialect) -> str | None:
+        """The collation that makes flag and process names compare exactly (``Billing`` is
+        not ``billing``, ``report`` not ``report ``) on the server behind ``dialect``; None
+        where the default already does (PostgreSQL, SQLite)."""
+        return None
+
+    # -- errors -----------------------------------------------------------------------------
+
+    def classify(self, exc: BaseException) -> ErrorKind:
+        """A short, stable name for what went wrong: the ``kind`` label of the errors metric.
+
+        What no driver decides comes first (an invalid row, a client-side bound that ran
+        out, a connection SQLAlchemy invalidated), then :meth:`classify_driver`, then
+        SQLAlchemy's and the OS's error classes.
+        """
+        if isinstance(exc, InvalidRow):
+            return "invalid_row"
+        if isinstance(exc, sa.exc.TimeoutError | TimeoutError) or _caused_by_timeout(exc):
+            return "timeout"
+        orig = exc.orig if isinstance(exc, sa.exc.DBAPIError) else exc
+        if orig is None:  # a DBAPIError without the driver's exception
+            orig = exc
+        early = self.classify_early(orig)
+        if early is not None:
+            return early
+        if isinstance(exc, sa.exc.DBAPIError) and exc.connection_invalidated:
+            return "connection"
+        found = self.classify_driver(exc, orig)
+        if found is not None:
+            return found
+        if isinstance(exc, sa.exc.InterfaceError | sa.exc.DisconnectionError | ConnectionError):
+            return "connection"
+        if isinstance(exc, sa.exc.DBAPIError):
+            return "database"
+        return "other"
+
+    def classify_early(self, orig: BaseException) -> ErrorKind | None:
+        """A driver error that means a timeout even on a connection SQLAlchemy invalidated
+        (``orig``: the driver's exception); None to go on. Default: none."""
+        return None
+
+    def classify_driver(self, exc: BaseException, orig: BaseException) -> ErrorKind | None:
+        """What this database's driver error means (``exc`` as raised, ``orig`` the driver's
+        own exception); None when this database cannot tell, for the generic rules."""
+        return None
+
+
+def _caused_by_timeout(exc: BaseException) -> bool:
+    """A driver error raised because a client-side bound ran out (a TimeoutError in its
+    chain: PyMySQL's socket timeout, sqlflag's own watchdog on psycopg)."""
+    seen: set[int] = set()
+    cause: BaseException | None = exc
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, TimeoutError):
+            return True
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return False

@@ -9,27 +9,46 @@ which the server sends back with the row count in the same reply:
 * no row: nothing stored it, the value is 0.
 
 SET assignments run left to right here, so ``expires_at``, which the others read, comes last.
+:class:`MariaDB` is :class:`MySQL` plus what differs (a server-side bound per statement).
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, ClassVar
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.mysql import insert
 from sqlalchemy.engine import CursorResult
 
-from ._base import Dialect, InvalidRow, Outcome, t
-from ._watchdog import client_bound
+from .._kinds import ErrorKind
+from .._watchdog import client_bound
+from ._base import Database, InvalidRow, Outcome, t
 
 #: Added to the microseconds left so that "lost" values never collide with a token or 0.
 OFFSET = 1 << 62
 MICROSECOND: sa.ColumnElement[Any] = sa.literal_column("MICROSECOND")
 
+#: Collations that compare byte for byte, trailing spaces included (NO PAD).
+#: ``utf8mb4_bin`` is not one: it is PAD SPACE, ``'report' = 'report '`` there.
+MYSQL_EXACT = "utf8mb4_0900_bin"  # MySQL 8.0.17 and later
+MARIADB_EXACT = "utf8mb4_nopad_bin"  # MariaDB 10.2 and later
+#: Older servers have no NO PAD binary collation: case is still exact, trailing spaces not.
+LEGACY_EXACT = "utf8mb4_bin"
 
-class MySQL(Dialect):
+#: Server error codes (PyMySQL and aiomysql put them first in ``args``): lock wait timeout,
+#: MariaDB's max_statement_time, MySQL's max_execution_time.
+TIMEOUT_CODES = frozenset({1205, 1969, 3024})
+#: Connection killed (MariaDB), can't connect, server gone away, lost connection.
+CONNECTION_CODES = frozenset({1927, 2002, 2003, 2006, 2013, 2055})
+#: Deadlock; on Galera also a certification conflict with another node.
+CONFLICT_CODE = 1213
+
+
+class MySQL(Database):
     name = "mysql"
+    #: This server's NO PAD binary collation, and the first version that has it.
+    exact: ClassVar[tuple[str, tuple[int, ...]]] = (MYSQL_EXACT, (8, 0, 17))
 
     def now(self) -> sa.ColumnElement[Any]:
         return sa.func.utc_timestamp(sa.literal_column("6"))
@@ -95,8 +114,46 @@ class MySQL(Dialect):
             dbapi_connection._read_timeout = bound
             dbapi_connection._write_timeout = bound
 
-    def session_setup(self, timeout: float, server_info: str) -> list[str]:
-        statements = [f"SET SESSION innodb_lock_wait_timeout = {max(1, math.ceil(timeout))}"]
-        if "mariadb" in server_info.lower():
+    def exact_collation(self, dialect: sa.Dialect) -> str | None:
+        # By the server's version once connected; a dialect that never connected is taken
+        # to be a current server.
+        version = getattr(dialect, "server_version_info", None) or ()
+        collation, since = self.exact
+        return collation if not version or tuple(version) >= since else LEGACY_EXACT
+
+    def session_setup(self, timeout: float, dialect: sa.Dialect) -> list[str]:
+        return [f"SET SESSION innodb_lock_wait_timeout = {max(1, math.ceil(timeout))}"]
+
+    def classify_driver(self, exc: BaseException, orig: BaseException) -> ErrorKind | None:
+        # A numeric error code (PyMySQL also sets a ``sqlstate``, but a MySQL one: 70100 for
+        # max_statement_time, HY000 for a lock wait timeout). An OSError's first argument is
+        # an errno, not a MySQL code.
+        args = getattr(orig, "args", ())
+        if not args or not isinstance(args[0], int) or isinstance(orig, OSError):
+            return None
+        code = args[0]
+        if code in TIMEOUT_CODES:
+            return "timeout"
+        if code in CONNECTION_CODES:
+            return "connection"
+        if code == CONFLICT_CODE:
+            return "conflict"
+        return "database"
+
+
+#: The first MariaDB release with ``max_statement_time``.
+MAX_STATEMENT_TIME = (10, 1, 1)
+
+
+class MariaDB(MySQL):
+    """MariaDB: MySQL's statements, plus a server-side bound on every statement."""
+
+    name = "mariadb"
+    exact = (MARIADB_EXACT, (10, 2))
+
+    def session_setup(self, timeout: float, dialect: sa.Dialect) -> list[str]:
+        statements = super().session_setup(timeout, dialect)
+        version = getattr(dialect, "server_version_info", None) or ()
+        if not version or tuple(version) >= MAX_STATEMENT_TIME:
             statements.append(f"SET SESSION max_statement_time = {timeout:.6f}")
         return statements

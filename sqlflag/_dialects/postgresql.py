@@ -30,8 +30,9 @@ import sqlalchemy as sa
 from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.engine import CursorResult
 
-from ._base import Dialect, Outcome, as_seconds, as_token, t
-from ._watchdog import bound_psycopg, client_bound
+from .._kinds import ErrorKind
+from .._watchdog import bound_psycopg, client_bound
+from ._base import Database, Outcome, as_seconds, as_token, t
 
 #: Tokens per timeline: timeline ``T`` hands out tokens in ``[(T-1) * SPAN, T * SPAN)``.
 TIMELINE_SPAN = 1 << 32
@@ -48,7 +49,7 @@ def timeline_floor() -> sa.ColumnElement[Any]:
     return (timeline - sa.literal_column("1")) * sa.literal_column(str(TIMELINE_SPAN))
 
 
-class PostgreSQL(Dialect):
+class PostgreSQL(Database):
     name = "postgresql"
     notify_channel = "sqlflag_released"
 
@@ -222,6 +223,28 @@ class PostgreSQL(Dialect):
         ms = max(1, math.ceil(timeout * 1000))
         return [f"SET statement_timeout = {ms}", f"SET lock_timeout = {ms}"]
 
-    def session_setup(self, timeout: float, server_info: str) -> list[str]:
+    def session_setup(self, timeout: float, dialect: sa.Dialect) -> list[str]:
         # Nothing: configure_dbapi() bounds each statement (psycopg) or the session (others).
         return []
+
+    def classify_early(self, orig: BaseException) -> ErrorKind | None:
+        if type(orig).__name__ == "ConnectionTimeout":  # psycopg: connect_timeout ran out
+            return "timeout"
+        return None
+
+    def classify_driver(self, exc: BaseException, orig: BaseException) -> ErrorKind | None:
+        # psycopg sets ``sqlstate``, SQLAlchemy's asyncpg adapter ``pgcode``.
+        sqlstate = getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)
+        if isinstance(sqlstate, str):
+            if sqlstate in ("57014", "55P03"):  # statement_timeout, lock_timeout
+                return "timeout"
+            if sqlstate.startswith("08") or sqlstate in ("57P01", "57P02", "57P03"):
+                return "connection"  # connection exceptions; server shutting down
+            return "database"
+        if isinstance(exc, sa.exc.OperationalError) and (
+            hasattr(orig, "sqlstate") or hasattr(orig, "pgcode")
+        ):
+            # psycopg: the server reports every error with a SQLSTATE; an OperationalError
+            # without one failed on the client side (connecting, or the connection broke).
+            return "connection"
+        return None

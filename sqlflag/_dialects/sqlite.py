@@ -9,13 +9,15 @@ function runs inside the statement, in-process; nothing else is sent.
 from __future__ import annotations
 
 import math
+import sqlite3
 from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.sqlite import insert
 from sqlalchemy.engine import CursorResult
 
-from ._base import Dialect, Outcome, as_seconds, as_token, t
+from .._kinds import ErrorKind
+from ._base import Database, Outcome, as_seconds, as_token, t
 
 #: Lease left as last reported by ``sqlflag_lease_left`` on a connection, keyed by the id of
 #: the DB-API connection sqlflag configured; read (and removed) by the check's parser.
@@ -33,7 +35,7 @@ FORMAT = "%Y-%m-%d %H:%M:%f"
 PAD = "000"
 
 
-class SQLite(Dialect):
+class SQLite(Database):
     name = "sqlite"
 
     def now(self) -> sa.ColumnElement[Any]:
@@ -89,5 +91,11 @@ class SQLite(Dialect):
         stmt = insert(t).values(self.ensure_values())
         return stmt.on_conflict_do_nothing(index_elements=["name"])
 
-    def session_setup(self, timeout: float, server_info: str) -> list[str]:
+    def session_setup(self, timeout: float, dialect: sa.Dialect) -> list[str]:
         return [f"PRAGMA busy_timeout = {max(1, math.ceil(timeout * 1000))}"]
+
+    def classify_driver(self, exc: BaseException, orig: BaseException) -> ErrorKind | None:
+        # busy_timeout ran out ("database is locked"; aiosqlite raises sqlite3's classes).
+        if isinstance(orig, sqlite3.OperationalError) and "locked" in str(orig):
+            return "timeout"
+        return None

@@ -157,7 +157,7 @@ def pre_timeline() -> None:
 
     pg.build_check = build_check  # type: ignore[method-assign]
     pg.parse_check = parse_check  # type: ignore[method-assign]
-    pg.ensure_values = _base.Dialect.ensure_values  # type: ignore[method-assign]
+    pg.ensure_values = _base.Database.ensure_values  # type: ignore[method-assign]
 
 
 def main(argv: list[str]) -> int:

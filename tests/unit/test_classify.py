@@ -1,5 +1,7 @@
-"""classify(): real driver exceptions, wrapped the way SQLAlchemy wraps them, map to the
-documented error kinds (timeout, connection, database, invalid_row; anything else: other)."""
+"""Each database's classify(): real driver exceptions, wrapped the way SQLAlchemy wraps them,
+map to the documented error kinds (timeout, connection, database, invalid_row; anything else:
+other). A driver's errors are classified by the database classes that driver serves; errors
+not from a driver, by every one."""
 
 from __future__ import annotations
 
@@ -18,8 +20,7 @@ from sqlalchemy.dialects.postgresql.asyncpg import (
     AsyncAdapt_asyncpg_dbapi,
 )
 
-from sqlflag._core import classify
-from sqlflag._dialects import InvalidRow
+from sqlflag._dialects import MODULES, InvalidRow, by_name
 
 _ASYNCPG = AsyncAdapt_asyncpg_dbapi(asyncpg)
 
@@ -182,13 +183,41 @@ CASES: dict[str, tuple[Callable[[], BaseException], str]] = {
 }
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_driver_errors_map_to_the_documented_kinds(case: str) -> None:
+#: The databases whose driver raises a case's errors, by the first word of its name.
+DRIVER_DATABASES = {
+    "psycopg": ("postgresql",),
+    "asyncpg": ("postgresql",),
+    "pymysql": ("mysql", "mariadb"),
+    "mysql": ("mysql", "mariadb"),
+    "mariadb": ("mysql", "mariadb"),
+    "sqlite": ("sqlite",),
+}
+EVERY_DATABASE = tuple(MODULES)
+
+
+def databases(case: str) -> tuple[str, ...]:
+    return DRIVER_DATABASES.get(case.split(maxsplit=1)[0], EVERY_DATABASE)
+
+
+@pytest.mark.parametrize(
+    ("case", "database"), [(case, db) for case in CASES for db in databases(case)]
+)
+def test_driver_errors_map_to_the_documented_kinds(case: str, database: str) -> None:
     build, kind = CASES[case]
-    assert classify(build()) == kind
+    assert by_name(database).classify(build()) == kind
 
 
-def test_asyncpg_unreachable_server_is_a_connection_error() -> None:
+def test_every_case_of_a_driver_is_classified_by_its_databases() -> None:
+    # Cases from no driver run on every database; the others name their driver first.
+    generic = [case for case in CASES if databases(case) == EVERY_DATABASE]
+    assert generic == [
+        "pool timeout", "client-side wait_for", "invalidated connection", "invalid row",
+        "anything else",
+    ]
+
+
+@pytest.mark.parametrize("database", EVERY_DATABASE)
+def test_asyncpg_unreachable_server_is_a_connection_error(database: str) -> None:
     # What `create_async_engine("postgresql+asyncpg://...:1/...").connect()` raises.
     refused = ConnectionRefusedError(111, "Connect call failed ('127.0.0.1', 1)")
-    assert classify(refused) == "connection"
+    assert by_name(database).classify(refused) == "connection"

@@ -14,7 +14,6 @@ import sqlite3
 from collections.abc import Callable
 from typing import Any
 
-import pymysql
 import pytest
 import sqlalchemy as sa
 from corefakes import T0, Extreme
@@ -415,8 +414,10 @@ def test_error_logging_is_once_per_kind_and_resets_on_recovery(
     make_core: Make, run: Run, unit_log: pytest.LogCaptureFixture
 ) -> None:
     core = make_core()
+    # Errors are classified by the core's database (the test dialect is SQLite's).
     refused = sa.exc.DBAPIError.instance(
-        "UPDATE ...", {}, pymysql.err.OperationalError(2013, "Lost connection"), pymysql.err.Error
+        "UPDATE ...", {}, sqlite3.OperationalError("disk I/O error"), sqlite3.Error,
+        connection_invalidated=True,
     )
 
     def warnings() -> list[str]:

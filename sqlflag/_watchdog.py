@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 from typing import Any
 
-from .._clock import monotonic
+from ._clock import monotonic
 
 
 def client_bound(timeout: float) -> float:
