@@ -13,14 +13,24 @@ TABLE_NAME = "leadership_flags"
 #: own text format, filled to the millisecond (SQLite's clock stops there).
 Timestamp = sa.DateTime(timezone=True).with_variant(mysql.DATETIME(fsp=6), "mysql", "mariadb")
 
-def exact_collation(dialect: sa.Dialect) -> str:
-    """The NO PAD binary collation of this MySQL or MariaDB server, as its database class
-    tells from the SQLAlchemy dialect (see ``MySQL.exact_collation``)."""
-    from ._dialects import for_dialect
+#: Collations that compare byte for byte, trailing spaces included (NO PAD), by server, with
+#: the first version that has one. ``utf8mb4_bin`` is not one: it is PAD SPACE
+#: (``'report' = 'report '``), and older servers have nothing better (case stays exact).
+EXACT_COLLATIONS = {
+    "mysql": ("utf8mb4_0900_bin", (8, 0, 17)),
+    "mariadb": ("utf8mb4_nopad_bin", (10, 2)),
+}
+LEGACY_EXACT = "utf8mb4_bin"
 
-    collation = for_dialect(dialect).exact_collation(dialect)
-    assert collation is not None, f"{dialect.name} needs no collation"
-    return collation
+
+def exact_collation(dialect: sa.Dialect) -> str:
+    """The NO PAD binary collation of the MySQL or MariaDB server behind ``dialect`` (told by
+    ``is_mariadb`` and the server's version once connected; a dialect that never connected is
+    taken to be a current server). The column type needs it, so it lives with the table."""
+    server = "mariadb" if getattr(dialect, "is_mariadb", False) else "mysql"
+    collation, since = EXACT_COLLATIONS[server]
+    version = getattr(dialect, "server_version_info", None) or ()
+    return collation if not version or tuple(version) >= since else LEGACY_EXACT
 
 
 class ExactName(sa.types.TypeDecorator[str]):

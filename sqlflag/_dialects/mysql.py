@@ -15,26 +15,20 @@ SET assignments run left to right here, so ``expires_at``, which the others read
 from __future__ import annotations
 
 import math
-from typing import Any, ClassVar
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.dialects.mysql import insert
 from sqlalchemy.engine import CursorResult
 
 from .._kinds import ErrorKind
+from .._schema import exact_collation
 from .._watchdog import client_bound
 from ._base import Database, InvalidRow, Outcome, t
 
 #: Added to the microseconds left so that "lost" values never collide with a token or 0.
 OFFSET = 1 << 62
 MICROSECOND: sa.ColumnElement[Any] = sa.literal_column("MICROSECOND")
-
-#: Collations that compare byte for byte, trailing spaces included (NO PAD).
-#: ``utf8mb4_bin`` is not one: it is PAD SPACE, ``'report' = 'report '`` there.
-MYSQL_EXACT = "utf8mb4_0900_bin"  # MySQL 8.0.17 and later
-MARIADB_EXACT = "utf8mb4_nopad_bin"  # MariaDB 10.2 and later
-#: Older servers have no NO PAD binary collation: case is still exact, trailing spaces not.
-LEGACY_EXACT = "utf8mb4_bin"
 
 #: Server error codes (PyMySQL and aiomysql put them first in ``args``): lock wait timeout,
 #: MariaDB's max_statement_time, MySQL's max_execution_time.
@@ -47,8 +41,6 @@ CONFLICT_CODE = 1213
 
 class MySQL(Database):
     name = "mysql"
-    #: This server's NO PAD binary collation, and the first version that has it.
-    exact: ClassVar[tuple[str, tuple[int, ...]]] = (MYSQL_EXACT, (8, 0, 17))
 
     def now(self) -> sa.ColumnElement[Any]:
         return sa.func.utc_timestamp(sa.literal_column("6"))
@@ -115,11 +107,7 @@ class MySQL(Database):
             dbapi_connection._write_timeout = bound
 
     def exact_collation(self, dialect: sa.Dialect) -> str | None:
-        # By the server's version once connected; a dialect that never connected is taken
-        # to be a current server.
-        version = getattr(dialect, "server_version_info", None) or ()
-        collation, since = self.exact
-        return collation if not version or tuple(version) >= since else LEGACY_EXACT
+        return exact_collation(dialect)  # MySQL's and MariaDB's rules, beside the table
 
     def session_setup(self, timeout: float, dialect: sa.Dialect) -> list[str]:
         return [f"SET SESSION innodb_lock_wait_timeout = {max(1, math.ceil(timeout))}"]
@@ -149,7 +137,6 @@ class MariaDB(MySQL):
     """MariaDB: MySQL's statements, plus a server-side bound on every statement."""
 
     name = "mariadb"
-    exact = (MARIADB_EXACT, (10, 2))
 
     def session_setup(self, timeout: float, dialect: sa.Dialect) -> list[str]:
         statements = super().session_setup(timeout, dialect)

@@ -14,8 +14,6 @@ import ast
 import functools
 from pathlib import Path
 
-import pytest
-
 import sqlflag
 
 PACKAGE = Path(sqlflag.__file__).parent  # the installed package under tox
@@ -221,11 +219,6 @@ def test_the_core_reaches_no_shell_and_no_command_line() -> None:
         assert above == [], f"{core} reaches {above}"
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="classify() in _core still imports sqlite3 for SQLite's 'locked'; it moves into the "
-    "dialects (issue 12, dialects part): then this passes and strict xfail fails, drop the mark",
-)
 def test_the_core_imports_no_database_driver() -> None:
     """A database driver is a dialect's business; the core decides from what dialects tell
     it."""
