@@ -15,6 +15,7 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from workers.support import Pool, build_flag
 
 import sqlflag
 from sqlflag import _migrate
@@ -116,33 +117,28 @@ def flag_name() -> str:
     return f"t-{uuid.uuid4().hex[:12]}"
 
 
-FAST = {"interval": 1.0, "timeout": 0.3, "jitter": 0.0}
-
-
 @pytest.fixture
 def make_flag(engine: sa.Engine, flag_name: str) -> Iterator[Callable[..., sqlflag.Flag]]:
     """Build flags on the test's flag name with a 1 s lease; all closed at teardown."""
     built: list[sqlflag.Flag] = []
 
     def make(process: str, **options: Any) -> sqlflag.Flag:
-        settings = {**FAST, **options}
-        builder = (
-            sqlflag.new_flag()
-            .handle(settings.pop("handle", engine))
-            .name(settings.pop("name", flag_name))
-            .process(process)
-        )
-        for key, value in settings.items():
-            method = getattr(builder, key)
-            for item in value if key in ("on_raised", "on_lowered") else [value]:
-                method(item)
-        flag = builder.build()
+        handle = options.pop("handle", engine)
+        flag = build_flag(handle, options.pop("name", flag_name), process, **options)
         built.append(flag)
         return flag
 
     yield make
     for flag in built:
         flag.close()
+
+
+@pytest.fixture
+def pool(db_url: str) -> Iterator[Pool]:
+    """Engines, proxies and flags standing for several processes; all closed at teardown."""
+    p = Pool(db_url)
+    yield p
+    p.close()
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:

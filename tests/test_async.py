@@ -28,7 +28,6 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from workers.support import (
     REPO,
-    Pool,
     Sampler,
     Worker,
     backend_ids,
@@ -182,12 +181,6 @@ async def sleep_until(predicate: Callable[[], bool], timeout: float) -> bool:
         await asyncio.sleep(0.005)
     return True
 
-
-@pytest.fixture
-def pool(db_url):
-    p = Pool(db_url)
-    yield p
-    p.close()
 
 
 def _pg_driver(dialect: str, other: bool) -> str:

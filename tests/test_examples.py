@@ -21,7 +21,8 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from workers.support import SqliteLock, TcpProxy
+from harness.proxy import Proxy
+from workers.support import SqliteLock, now
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -151,7 +152,7 @@ def test_starlette_healthz_goes_bad_when_the_database_is_unreachable_and_recover
     else:
         u = sa.make_url(db_url)
         assert u.host and u.port
-        proxy = TcpProxy(u.host, u.port)
+        proxy = Proxy.running(u.host, u.port, name="test-proxy", clock=now)
         url = proxy.url(url)
     port = free_port()
     out = tmp_path / "web.out"

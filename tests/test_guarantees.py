@@ -20,7 +20,6 @@ import pytest
 import sqlalchemy as sa
 from workers.support import (
     Outage,
-    Pool,
     Sampler,
     Statement,
     StatementLog,
@@ -44,12 +43,6 @@ MARGIN = 0.02  # the documented margin, as a fraction of interval
 LEASE = INTERVAL * (1 - MARGIN)  # how long after t_sent a holder may read raised == True
 SLACK = 0.5
 
-
-@pytest.fixture
-def pool(db_url):
-    p = Pool(db_url)
-    yield p
-    p.close()
 
 
 # -- safety -----------------------------------------------------------------------------------

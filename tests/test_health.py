@@ -22,12 +22,6 @@ INTERVAL = 1.0
 SLACK = 0.5
 
 
-@pytest.fixture
-def pool(db_url: str):
-    p = Pool(db_url)
-    yield p
-    p.close()
-
 
 def test_health_of_a_holder_and_a_follower(pool: Pool, dialect: str, flag_name: str) -> None:
     holder = pool.flag(pool.engine(), flag_name, "a")

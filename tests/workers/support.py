@@ -1,8 +1,9 @@
 """Test helpers shared by the flag test modules.
 
-Nothing here imitates a database: the proxy forwards real bytes to the real server (and can cut
-them, like a failed network), rows are edited with SQL written by hand, independent of the
-library's own statements, and every time is CLOCK_BOOTTIME, the clock sqlflag bounds a lease with.
+Nothing here imitates a database: the proxy (``harness.proxy``) forwards real bytes to the real
+server (and can cut them, like a failed network), rows are edited with SQL written by hand,
+independent of the library's own statements, and every time is CLOCK_BOOTTIME, the clock
+sqlflag bounds a lease with.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from harness.proxy import Proxy
 
 import sqlflag
 
@@ -113,132 +114,6 @@ def execute(engine: sa.Engine, sql: str, **params: Any) -> None:
 def state(engine: sa.Engine, name: str) -> sqlflag.FlagState:
     [found] = sqlflag.inspect(engine, name)
     return found
-
-
-# -- a real TCP proxy in front of a database server -----------------------------------------
-
-
-@dataclass
-class _Link:
-    client: socket.socket
-    upstream: socket.socket
-    last: str = ""  # direction of the last bytes: "c" client to server, "s" server to client
-
-
-class TcpProxy:
-    """Forwards connections to a database server; can cut every connection and refuse new ones.
-
-    It also counts round trips: a *burst* is client data arriving after the server last spoke
-    (or first on a connection). A driver that sends BEGIN, SET or COMMIT next to a statement
-    makes more bursts than statements, whatever the driver-level API looks like.
-    """
-
-    def __init__(self, host: str, port: int) -> None:
-        self.upstream = (host, port)
-        self._lock = threading.Lock()
-        self._links: list[_Link] = []
-        self.refusing = False
-        self.accepted: list[float] = []  # times connections were attempted
-        self.bursts: list[float] = []  # times client request bursts arrived
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(128)
-        self.port: int = self._listener.getsockname()[1]
-        self._thread = threading.Thread(target=self._accept, name="test-proxy", daemon=True)
-        self._thread.start()
-
-    def url(self, url: str | sa.URL) -> str:
-        return (
-            sa.make_url(url)
-            .set(host="127.0.0.1", port=self.port)
-            .render_as_string(hide_password=False)
-        )
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            with self._lock:
-                self.accepted.append(now())
-                refusing = self.refusing
-            if refusing:
-                _shut(client)
-                continue
-            try:
-                upstream = socket.create_connection(self.upstream, timeout=5)
-                upstream.settimeout(None)
-            except OSError:
-                _shut(client)
-                continue
-            link = _Link(client, upstream)
-            with self._lock:
-                if self.refusing:
-                    _shut(client)
-                    _shut(upstream)
-                    continue
-                self._links.append(link)
-            for src, dst, side in ((client, upstream, "c"), (upstream, client, "s")):
-                threading.Thread(
-                    target=self._pump, args=(link, src, dst, side), daemon=True
-                ).start()
-
-    def _pump(self, link: _Link, src: socket.socket, dst: socket.socket, side: str) -> None:
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                with self._lock:
-                    if side == "c" and link.last != "c":
-                        self.bursts.append(now())
-                    link.last = side
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            _shut(link.client)
-            _shut(link.upstream)
-            with self._lock, contextlib.suppress(ValueError):
-                self._links.remove(link)
-
-    def refuse(self) -> None:
-        """Refuse new connections (those already open keep working)."""
-        with self._lock:
-            self.refusing = True
-
-    def cut(self) -> None:
-        """The network fails: close every connection and refuse new ones until restore()."""
-        with self._lock:
-            self.refusing = True
-            links, self._links = self._links, []
-        for link in links:
-            _shut(link.client)
-            _shut(link.upstream)
-
-    def restore(self) -> None:
-        with self._lock:
-            self.refusing = False
-
-    def close(self) -> None:
-        self.cut()
-        with contextlib.suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)
-        self._listener.close()
-        self._thread.join(5)
-
-    def bursts_between(self, start: float, end: float) -> int:
-        with self._lock:
-            return sum(1 for t in self.bursts if start <= t < end)
-
-
-def _shut(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
-    with contextlib.suppress(OSError):
-        sock.close()
 
 
 # -- cutting a flag off its database ---------------------------------------------------------
@@ -358,6 +233,20 @@ class Sampler:
 
 # -- engines and flags ------------------------------------------------------------------------
 
+#: the tests' flag settings: a 1 s lease, 0.3 s statement timeout, no jitter
+FAST = {"interval": 1.0, "timeout": 0.3, "jitter": 0.0}
+
+
+def build_flag(handle: Any, name: str, process: str, **options: Any) -> sqlflag.Flag:
+    """A flag with :data:`FAST` settings, ``options`` overriding them (builder method names;
+    ``on_raised`` / ``on_lowered`` take a list of callbacks)."""
+    builder = sqlflag.new_flag().handle(handle).name(name).process(process)
+    for key, value in {**FAST, **options}.items():
+        method = getattr(builder, key)
+        for item in value if key in ("on_raised", "on_lowered") else [value]:
+            method(item)
+    return builder.build()
+
 
 class Pool:
     """Engines (one per simulated process) and flags, all cleaned up at the end of a test."""
@@ -366,7 +255,7 @@ class Pool:
         self.url = url
         self.engines: list[sa.Engine] = []
         self.flags: list[sqlflag.Flag] = []
-        self.proxies: list[TcpProxy] = []
+        self.proxies: list[Proxy] = []
         self.locks: list[SqliteLock] = []
 
     def engine(self, url: str | None = None, **kw: Any) -> sa.Engine:
@@ -374,10 +263,10 @@ class Pool:
         self.engines.append(eng)
         return eng
 
-    def proxy(self) -> TcpProxy:
+    def proxy(self) -> Proxy:
         u = sa.make_url(self.url)
         assert u.host and u.port, "a server dialect"
-        p = TcpProxy(u.host, u.port)
+        p = Proxy.running(u.host, u.port, name="test-proxy", clock=now)
         self.proxies.append(p)
         return p
 
@@ -387,13 +276,7 @@ class Pool:
         return lock
 
     def flag(self, engine: sa.Engine, name: str, process: str, **options: Any) -> sqlflag.Flag:
-        settings = {"interval": 1.0, "timeout": 0.3, "jitter": 0.0, **options}
-        builder = sqlflag.new_flag().handle(engine).name(name).process(process)
-        for key, value in settings.items():
-            method = getattr(builder, key)
-            for item in value if key in ("on_raised", "on_lowered") else [value]:
-                method(item)
-        flag = builder.build()
+        flag = build_flag(engine, name, process, **options)
         self.flags.append(flag)
         return flag
 
@@ -629,15 +512,15 @@ class StatementLog:
 class Outage:
     """Cuts one engine (one simulated process) off its database, then brings it back.
 
-    PostgreSQL and MariaDB: the engine goes through a :class:`TcpProxy`; the outage refuses
-    new connections and terminates the engine's server sessions (``pg_terminate_backend`` /
+    PostgreSQL and MariaDB: the engine goes through a :class:`~harness.proxy.Proxy`; the outage
+    refuses new connections and terminates the engine's server sessions (``pg_terminate_backend`` /
     ``KILL CONNECTION``), so the server hangs up on it. SQLite: another connection holds an
     exclusive lock on the file; that blocks every writer, not only this engine.
     """
 
     def __init__(self, pool: Pool) -> None:
         self.dialect = dialect_of(sa.create_engine(pool.url))
-        self.proxy: TcpProxy | None = None
+        self.proxy: Proxy | None = None
         self.lock: SqliteLock | None = None
         if self.dialect == "sqlite":
             self.lock = pool.sqlite_lock()
