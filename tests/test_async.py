@@ -26,18 +26,9 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from workers.support import (
-    REPO,
-    Sampler,
-    Worker,
-    backend_ids,
-    kill_backends,
-    now,
-    raised_runs,
-    set_row,
-    state,
-    steal,
-)
+from workers.outage import backend_ids, kill_backends
+from workers.rows import set_row, state, steal
+from workers.support import REPO, Sampler, Worker, now, raised_runs
 
 import sqlflag
 

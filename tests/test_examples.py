@@ -22,7 +22,8 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from harness.proxy import Proxy
-from workers.support import SqliteLock, now
+from workers.outage import SqliteLock
+from workers.support import now
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

@@ -18,20 +18,15 @@ import time
 
 import pytest
 import sqlalchemy as sa
+from workers.outage import Outage, backend_ids, kill_backends
+from workers.rows import execute, set_row, state
+from workers.statements import Statement, StatementLog
 from workers.support import (
-    Outage,
     Sampler,
-    Statement,
-    StatementLog,
     Worker,
-    backend_ids,
     captured_thread_errors,
-    execute,
-    kill_backends,
     now,
     raised_runs,
-    set_row,
-    state,
     unique,
     wait_for,
 )

@@ -14,7 +14,8 @@ import time
 import pytest
 from sqlalchemy.ext.asyncio import create_async_engine
 from test_async import async_url
-from workers.support import Outage, Pool, wait_for
+from workers.outage import Outage
+from workers.support import Pool, wait_for
 
 import sqlflag
 

@@ -18,7 +18,10 @@ import uuid
 
 import sqlalchemy as sa
 from test_async import APool, run, sleep_until
-from workers.support import Outage, Sampler, StatementLog, now, steal
+from workers.outage import Outage
+from workers.rows import steal
+from workers.statements import StatementLog
+from workers.support import Sampler, now
 
 import sqlflag
 

@@ -8,7 +8,9 @@ import uuid
 
 import prometheus_client
 from prometheus_client import CollectorRegistry, generate_latest
-from workers.support import Outage, StatementLog, set_row, steal
+from workers.outage import Outage
+from workers.rows import set_row, steal
+from workers.statements import StatementLog
 
 INTERVAL = 1.0
 SLACK = 0.5

@@ -28,7 +28,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
-from workers.support import REPO, Worker, state, wait_for
+from workers.rows import state
+from workers.support import REPO, Worker, wait_for
 
 import sqlflag
 

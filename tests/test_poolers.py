@@ -21,7 +21,8 @@ import sqlalchemy as sa
 from harness.proxy import Proxy
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from workers.pgbouncer import PgBouncer
-from workers.support import Sampler, StatementLog, now, wait_for
+from workers.statements import StatementLog
+from workers.support import Sampler, now, wait_for
 
 import sqlflag
 

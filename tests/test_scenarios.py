@@ -10,15 +10,10 @@ from __future__ import annotations
 import logging
 import time
 
-from workers.support import (
-    Outage,
-    Sampler,
-    StatementLog,
-    now,
-    set_row,
-    state,
-    steal,
-)
+from workers.outage import Outage
+from workers.rows import set_row, state, steal
+from workers.statements import StatementLog
+from workers.support import Sampler, now
 
 INTERVAL = 1.0
 SLACK = 0.5  # scheduling noise on a loaded 2-core machine
