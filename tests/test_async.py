@@ -13,10 +13,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -28,13 +25,12 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from workers.outage import backend_ids, kill_backends
 from workers.rows import set_row, state, steal
-from workers.support import REPO, Sampler, Worker, now, raised_runs
+from workers.support import Sampler, Worker, now, raised_runs
 
 import sqlflag
 
 INTERVAL = 1.0
 SLACK = 0.5
-ASYNC_WORKER = Path(__file__).resolve().parent / "workers" / "async_worker.py"
 
 
 def async_url(db_url: str, pg: str = "asyncpg") -> str:
@@ -634,35 +630,20 @@ def test_event_loop_never_blocked(db_url, flag_name, dialect):
 # -- a frozen process ------------------------------------------------------------------------
 
 
-class AsyncWorker(Worker):
-    """``async_worker.py`` in a subprocess; same readings as :class:`Worker`."""
-
-    def __init__(self, url: str, name: str, process: str, out: Path) -> None:
-        self.out = out
-        self.err = out.with_suffix(".err")
-        self._err = self.err.open("wb")
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        self.proc = subprocess.Popen(
-            [
-                sys.executable, str(ASYNC_WORKER), "--url", url, "--name", name,
-                "--process", process, "--interval", str(INTERVAL), "--timeout", "0.3",
-                "--out", str(out),
-            ],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=self._err,
-        )
+def async_worker(url: str, name: str, process: str, out: Path) -> Worker:
+    """``flag_worker.py --async`` in a subprocess; same readings as the sync one."""
+    return Worker(url, name, process, out, interval=INTERVAL, timeout=0.3, use_async=True)
 
 
 def test_frozen_async_holder_reads_lowered_on_waking(db_url, engine, flag_name, tmp_path):
-    frozen = AsyncWorker(async_url(db_url), flag_name, "frozen", tmp_path / "a.log")
+    frozen = async_worker(async_url(db_url), flag_name, "frozen", tmp_path / "a.log")
     taker = None
     try:
         deadline = time.monotonic() + 20
         while frozen.first_raised() is None:
             assert time.monotonic() < deadline, frozen.stderr()
             time.sleep(0.01)
-        taker = AsyncWorker(async_url(db_url), flag_name, "taker", tmp_path / "b.log")
+        taker = async_worker(async_url(db_url), flag_name, "taker", tmp_path / "b.log")
         deadline = time.monotonic() + 20
         while not taker.built():
             assert time.monotonic() < deadline, taker.stderr()

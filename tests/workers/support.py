@@ -178,7 +178,8 @@ class Reading:
 
 
 class Worker:
-    """``flag_worker.py`` in a subprocess: it builds a flag and logs every reading of it."""
+    """``flag_worker.py`` in a subprocess: it builds a flag (or an AsyncFlag) and logs every
+    reading of it."""
 
     def __init__(  # noqa: PLR0917
         self,
@@ -190,7 +191,9 @@ class Worker:
         timeout: float = 0.3,
         metrics_subsystem: str = "",
         env: dict[str, str] | None = None,
+        use_async: bool = False,
     ) -> None:
+        """``use_async``: an AsyncFlag on an async engine (``url`` names an async driver)."""
         self.out = out
         self.err = out.with_suffix(".err")
         self._err = self.err.open("wb")
@@ -206,6 +209,7 @@ class Worker:
                 "--timeout", str(timeout),
                 "--out", str(out),
                 "--metrics-subsystem", metrics_subsystem,
+                *(["--async"] if use_async else []),
             ],
             env=env,
             stdout=subprocess.DEVNULL,
