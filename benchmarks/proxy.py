@@ -1,4 +1,4 @@
-"""The counting TCP proxy of the benchmarks: the tests' one proxy, ``tests/harness/proxy.py``.
+"""The benchmarks' counting TCP proxy: the tests' one proxy, ``tests/harness/proxy.py``.
 
 A round trip is one request -> response exchange on one connection: the client sends
 something, then the server answers. Bytes the client sends in several TCP segments before the
@@ -18,13 +18,8 @@ from stdin, one JSON line each.
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
-_TESTS = str(Path(__file__).resolve().parents[1] / "tests")
-if _TESTS not in sys.path:
-    sys.path.append(_TESTS)
-
-from harness.proxy import Proxy, serve_stdio  # noqa: E402
+from harness.proxy import Proxy, serve_stdio  # tests/harness, on sys.path (see __init__.py)
 
 __all__ = ["Proxy", "serve_stdio"]
 

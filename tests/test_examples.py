@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,6 +21,7 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from harness.proxy import Proxy
+from harness.servers import free_port
 from workers.outage import SqliteLock
 from workers.support import now
 
@@ -54,12 +54,6 @@ def load(name: str) -> ModuleType:
 
 
 # --------------------------------------------------------------------------- Starlette
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def get(port: int) -> dict[str, Any] | None:
