@@ -15,10 +15,13 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from workers.support import Pool, build_flag
 
 import sqlflag
 from sqlflag import _migrate
+
+# Helpers under workers/ hold shared assertions: pytest explains them as it does in tests.
+pytest.register_assert_rewrite("workers")
+from workers.support import Pool, build_flag  # noqa: E402
 
 ALL_DIALECTS = ("sqlite", "postgresql", "mariadb")
 SERVER_URLS = {

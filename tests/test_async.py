@@ -25,7 +25,7 @@ import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from workers.outage import backend_ids, kill_backends
 from workers.rows import set_row, state, steal
-from workers.support import Sampler, Worker, now, raised_runs
+from workers.support import Sampler, Worker, assert_lowered_on_waking, now
 
 import sqlflag
 
@@ -667,18 +667,7 @@ def test_frozen_async_holder_reads_lowered_on_waking(db_url, engine, flag_name, 
     finally:
         codes = [w.stop() for w in (frozen, taker) if w is not None]
     assert codes == [0, 0], (frozen.stderr(), taker.stderr() if taker else "")
-    a, b = frozen.readings(), taker.readings()
-    woke = next(r for r in a if r.t1 > t_cont)
-    assert woke.woke, "not the reading made on waking"
-    assert not woke.raised, "the frozen process read raised == True after waking"
-    assert all(not r.raised for r in a if r.t1 > t_cont)
-    assert any(r.raised and r.t1 < t_stop for r in a)
-    b_first = next(r for r in b if r.raised)
-    assert b_first.t0 < t_cont, "the other process did not take over during the freeze"
-    assert b_first.token == next(r for r in a if r.raised).token + 1
-    for a0, a1, _ in raised_runs(a):
-        for b0, b1, _ in raised_runs(b):
-            assert a1 < b0 or b1 < a0, f"both raised: {a0:.3f}-{a1:.3f} and {b0:.3f}-{b1:.3f}"
+    assert_lowered_on_waking(frozen.readings(), taker.readings(), t_stop, t_cont)
 
 
 def test_stolen_async_flag_lowers_and_comes_back(db_url, engine, flag_name):

@@ -287,6 +287,25 @@ def raised_runs(readings: Sequence[Reading]) -> list[tuple[float, float, int]]:
     return runs
 
 
+def assert_lowered_on_waking(
+    a: Sequence[Reading], b: Sequence[Reading], t_stop: float, t_cont: float
+) -> None:
+    """The frozen-holder checks: ``a`` (frozen before ``t_stop``, woken at ``t_cont``) read
+    ``raised == False`` first thing on waking, ``b`` took over during the freeze with the next
+    token, and the two were never raised at once."""
+    woke = next(r for r in a if r.t1 > t_cont)
+    assert woke.woke, "not the reading made on waking"
+    assert not woke.raised, "the frozen process read raised == True after waking"
+    assert all(not r.raised for r in a if r.t1 > t_cont)
+    assert any(r.raised and r.t1 < t_stop for r in a)
+    b_first = next(r for r in b if r.raised)
+    assert b_first.t0 < t_cont, "the other process did not take over during the freeze"
+    assert b_first.token == next(r for r in a if r.raised).token + 1
+    for a0, a1, _ in raised_runs(a):
+        for b0, b1, _ in raised_runs(b):
+            assert a1 < b0 or b1 < a0, f"both raised: {a0:.3f}-{a1:.3f} and {b0:.3f}-{b1:.3f}"
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
