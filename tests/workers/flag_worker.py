@@ -64,16 +64,11 @@ def log_reading(out: TextIO, flag: Any, last: bool | None) -> bool:
     return raised
 
 
-def run_sync(args: argparse.Namespace) -> None:
-    import sqlalchemy as sa
-
+def builder(engine: Any, args: argparse.Namespace) -> Any:
+    """The flag the arguments describe, on ``engine`` (sync or async), ready to build."""
     import sqlflag
 
-    stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
-
-    engine = sa.create_engine(args.url)
-    flag = (
+    return (
         sqlflag.new_flag()
         .handle(engine)
         .name(args.name)
@@ -81,9 +76,17 @@ def run_sync(args: argparse.Namespace) -> None:
         .interval(args.interval)
         .timeout(args.timeout)
         .jitter(0)
-        .metrics_subsystem(args.metrics_subsystem)
-        .build()
     )
+
+
+def run_sync(args: argparse.Namespace) -> None:
+    import sqlalchemy as sa
+
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    engine = sa.create_engine(args.url)
+    flag = builder(engine, args).metrics_subsystem(args.metrics_subsystem).build()
     # Threads here only compute between I/O waits: none needs to be preempted, and a long
     # switch interval keeps the GIL with the frozen thread when the process resumes.
     sys.setswitchinterval(30)
@@ -103,22 +106,11 @@ def run_sync(args: argparse.Namespace) -> None:
 async def run_async(args: argparse.Namespace) -> None:
     from sqlalchemy.ext.asyncio import create_async_engine
 
-    import sqlflag
-
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGTERM, stop.set)
     engine = create_async_engine(args.url)
-    flag = await (
-        sqlflag.new_flag()
-        .handle(engine)
-        .name(args.name)
-        .process(args.process)
-        .interval(args.interval)
-        .timeout(args.timeout)
-        .jitter(0)
-        .build_async()
-    )
+    flag = await builder(engine, args).build_async()
     sys.setswitchinterval(30)  # keep the GIL with the woken thread (as in run_sync)
     with open(args.out, "a", buffering=1 << 16) as out:
         freeze_on_sigusr1(out, flag)
