@@ -30,18 +30,13 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from harness.servers import free_port
 from prometheus_client import CollectorRegistry
 from sqlalchemy.ext.asyncio import create_async_engine
 
 import sqlflag
 
 POOL_SIZE = 3
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @contextlib.contextmanager
@@ -51,7 +46,7 @@ def pgbouncer(upstream: sa.URL, mode: str) -> Iterator[int]:
     with tempfile.TemporaryDirectory() as tmp:
         d = Path(tmp)
         d.chmod(0o755)
-        port = _free_port()
+        port = free_port()
         (d / "users.txt").write_text(f'"{upstream.username or "postgres"}" ""\n')
         (d / "pgbouncer.ini").write_text("\n".join([
             "[databases]",

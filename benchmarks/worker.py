@@ -22,7 +22,7 @@ import sqlalchemy as sa
 from sqlalchemy import event
 
 from benchmarks import contenders
-from benchmarks.proxy import CountingProxy
+from benchmarks.proxy import Proxy
 
 _out = threading.Lock()
 
@@ -59,12 +59,12 @@ class StatementLog:
         dbapi_connection.set_trace_callback(lambda _sql: calls.append(time.monotonic()))
 
 
-def proxied(url: str) -> tuple[str, CountingProxy | None]:
+def proxied(url: str) -> tuple[str, Proxy | None]:
     """The URL through a fresh in-process counting proxy (server databases only)."""
     parsed = sa.make_url(url)
     if parsed.get_backend_name() == "sqlite":
         return url, None
-    proxy = CountingProxy(parsed.host or "127.0.0.1", parsed.port or default_port(parsed)).start()
+    proxy = Proxy.running(parsed.host or "127.0.0.1", parsed.port or default_port(parsed))
     return parsed.set(host="127.0.0.1", port=proxy.port).render_as_string(False), proxy
 
 
@@ -156,7 +156,7 @@ def cmd_protocol(args: argparse.Namespace) -> None:
             "statements": within(log.statements),
             "sqlite_calls": within(log.sqlite_calls),
             "exchanges": None if proxy is None else within(proxy.exchange_times()),
-            "connections": None if proxy is None else proxy.stats()["connections"],
+            "connections": None if proxy is None else proxy.counts()["connections"],
         }
     result["follower_raised"] = raised["follower"].is_set()
     del holder, follower

@@ -19,6 +19,10 @@ import sqlalchemy as sa
 import sqlflag
 from sqlflag import _migrate
 
+# Helpers under workers/ hold shared assertions: pytest explains them as it does in tests.
+pytest.register_assert_rewrite("workers")
+from workers.support import Pool, build_flag  # noqa: E402
+
 ALL_DIALECTS = ("sqlite", "postgresql", "mariadb")
 SERVER_URLS = {
     "postgresql": os.environ.get(
@@ -116,33 +120,28 @@ def flag_name() -> str:
     return f"t-{uuid.uuid4().hex[:12]}"
 
 
-FAST = {"interval": 1.0, "timeout": 0.3, "jitter": 0.0}
-
-
 @pytest.fixture
 def make_flag(engine: sa.Engine, flag_name: str) -> Iterator[Callable[..., sqlflag.Flag]]:
     """Build flags on the test's flag name with a 1 s lease; all closed at teardown."""
     built: list[sqlflag.Flag] = []
 
     def make(process: str, **options: Any) -> sqlflag.Flag:
-        settings = {**FAST, **options}
-        builder = (
-            sqlflag.new_flag()
-            .handle(settings.pop("handle", engine))
-            .name(settings.pop("name", flag_name))
-            .process(process)
-        )
-        for key, value in settings.items():
-            method = getattr(builder, key)
-            for item in value if key in ("on_raised", "on_lowered") else [value]:
-                method(item)
-        flag = builder.build()
+        handle = options.pop("handle", engine)
+        flag = build_flag(handle, options.pop("name", flag_name), process, **options)
         built.append(flag)
         return flag
 
     yield make
     for flag in built:
         flag.close()
+
+
+@pytest.fixture
+def pool(db_url: str) -> Iterator[Pool]:
+    """Engines, proxies and flags standing for several processes; all closed at teardown."""
+    p = Pool(db_url)
+    yield p
+    p.close()
 
 
 def pytest_xdist_auto_num_workers(config: pytest.Config) -> int:

@@ -13,10 +13,7 @@ import asyncio
 import contextlib
 import itertools
 import logging
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Awaitable, Callable
@@ -26,25 +23,14 @@ from typing import Any
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
-from workers.support import (
-    REPO,
-    Pool,
-    Sampler,
-    Worker,
-    backend_ids,
-    kill_backends,
-    now,
-    raised_runs,
-    set_row,
-    state,
-    steal,
-)
+from workers.outage import backend_ids, kill_backends
+from workers.rows import set_row, state, steal
+from workers.support import Sampler, Worker, assert_lowered_on_waking, now
 
 import sqlflag
 
 INTERVAL = 1.0
 SLACK = 0.5
-ASYNC_WORKER = Path(__file__).resolve().parent / "workers" / "async_worker.py"
 
 
 def async_url(db_url: str, pg: str = "asyncpg") -> str:
@@ -182,12 +168,6 @@ async def sleep_until(predicate: Callable[[], bool], timeout: float) -> bool:
         await asyncio.sleep(0.005)
     return True
 
-
-@pytest.fixture
-def pool(db_url):
-    p = Pool(db_url)
-    yield p
-    p.close()
 
 
 def _pg_driver(dialect: str, other: bool) -> str:
@@ -651,35 +631,20 @@ def test_event_loop_never_blocked(db_url, flag_name, dialect):
 # -- a frozen process ------------------------------------------------------------------------
 
 
-class AsyncWorker(Worker):
-    """``async_worker.py`` in a subprocess; same readings as :class:`Worker`."""
-
-    def __init__(self, url: str, name: str, process: str, out: Path) -> None:
-        self.out = out
-        self.err = out.with_suffix(".err")
-        self._err = self.err.open("wb")
-        env = {**os.environ, "PYTHONPATH": str(REPO)}
-        self.proc = subprocess.Popen(
-            [
-                sys.executable, str(ASYNC_WORKER), "--url", url, "--name", name,
-                "--process", process, "--interval", str(INTERVAL), "--timeout", "0.3",
-                "--out", str(out),
-            ],
-            env=env,
-            stdout=subprocess.DEVNULL,
-            stderr=self._err,
-        )
+def async_worker(url: str, name: str, process: str, out: Path) -> Worker:
+    """``flag_worker.py --async`` in a subprocess; same readings as the sync one."""
+    return Worker(url, name, process, out, interval=INTERVAL, timeout=0.3, use_async=True)
 
 
 def test_frozen_async_holder_reads_lowered_on_waking(db_url, engine, flag_name, tmp_path):
-    frozen = AsyncWorker(async_url(db_url), flag_name, "frozen", tmp_path / "a.log")
+    frozen = async_worker(async_url(db_url), flag_name, "frozen", tmp_path / "a.log")
     taker = None
     try:
         deadline = time.monotonic() + 20
         while frozen.first_raised() is None:
             assert time.monotonic() < deadline, frozen.stderr()
             time.sleep(0.01)
-        taker = AsyncWorker(async_url(db_url), flag_name, "taker", tmp_path / "b.log")
+        taker = async_worker(async_url(db_url), flag_name, "taker", tmp_path / "b.log")
         deadline = time.monotonic() + 20
         while not taker.built():
             assert time.monotonic() < deadline, taker.stderr()
@@ -703,18 +668,7 @@ def test_frozen_async_holder_reads_lowered_on_waking(db_url, engine, flag_name, 
     finally:
         codes = [w.stop() for w in (frozen, taker) if w is not None]
     assert codes == [0, 0], (frozen.stderr(), taker.stderr() if taker else "")
-    a, b = frozen.readings(), taker.readings()
-    woke = next(r for r in a if r.t1 > t_cont)
-    assert woke.woke, "not the reading made on waking"
-    assert not woke.raised, "the frozen process read raised == True after waking"
-    assert all(not r.raised for r in a if r.t1 > t_cont)
-    assert any(r.raised and r.t1 < t_stop for r in a)
-    b_first = next(r for r in b if r.raised)
-    assert b_first.t0 < t_cont, "the other process did not take over during the freeze"
-    assert b_first.token == next(r for r in a if r.raised).token + 1
-    for a0, a1, _ in raised_runs(a):
-        for b0, b1, _ in raised_runs(b):
-            assert a1 < b0 or b1 < a0, f"both raised: {a0:.3f}-{a1:.3f} and {b0:.3f}-{b1:.3f}"
+    assert_lowered_on_waking(frozen.readings(), taker.readings(), t_stop, t_cont)
 
 
 def test_stolen_async_flag_lowers_and_comes_back(db_url, engine, flag_name):

@@ -18,7 +18,7 @@ import prometheus_client
 import pytest
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
-from workers.support import state
+from workers.rows import state
 
 import sqlflag
 

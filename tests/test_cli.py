@@ -20,10 +20,10 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from workers.cli import cli_env
 
 import sqlflag
 
-ROOT = Path(__file__).resolve().parents[1]
 #: Where subprocesses run unless a test gives a directory: not the checkout's root, whose
 #: ``sqlflag/`` would shadow the installed package under ``python -m`` (tox).
 NEUTRAL_CWD = Path(__file__).resolve().parent
@@ -34,16 +34,6 @@ SERVERS = {
     "mariadb": os.environ.get("SQLFLAG_TEST_MARIADB_URL", "mysql+pymysql://root@127.0.0.1:3306/test"),
 }
 STATE_FIELDS = {f.name for f in fields(sqlflag.FlagState)}
-
-
-def cli_env(**extra: str) -> dict[str, str]:
-    """Environment for ``python -m sqlflag``: the checkout on PYTHONPATH unless tox installed
-    the package; no SQLFLAG_URL inherited from the caller."""
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SQLFLAG_URL")}
-    if os.environ.get("SQLFLAG_EXPECT_INSTALLED") != "1":
-        env["PYTHONPATH"] = str(ROOT)
-    env.update(extra)
-    return env
 
 
 def sqlflag_cli(

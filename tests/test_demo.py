@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -11,26 +10,11 @@ import time
 from pathlib import Path
 
 import pytest
+from workers.cli import alive, cli_env
 
 import sqlflag
 
-ROOT = Path(__file__).resolve().parents[1]
 TIMING = r"(\d+\.\d\d) s \((\d+\.\d\d) x interval\)"
-
-
-def cli_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SQLFLAG_URL")}
-    if os.environ.get("SQLFLAG_EXPECT_INSTALLED") != "1":
-        env["PYTHONPATH"] = str(ROOT)
-    return env
-
-
-def alive(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except FileNotFoundError:
-        return False
 
 
 def worker_pids(output: str) -> list[int]:

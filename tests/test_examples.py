@@ -8,7 +8,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,7 +20,10 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from workers.support import SqliteLock, TcpProxy
+from harness.proxy import Proxy
+from harness.servers import free_port
+from workers.outage import SqliteLock
+from workers.support import now
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -52,12 +54,6 @@ def load(name: str) -> ModuleType:
 
 
 # --------------------------------------------------------------------------- Starlette
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def get(port: int) -> dict[str, Any] | None:
@@ -151,7 +147,7 @@ def test_starlette_healthz_goes_bad_when_the_database_is_unreachable_and_recover
     else:
         u = sa.make_url(db_url)
         assert u.host and u.port
-        proxy = TcpProxy(u.host, u.port)
+        proxy = Proxy.running(u.host, u.port, name="test-proxy", clock=now)
         url = proxy.url(url)
     port = free_port()
     out = tmp_path / "web.out"

@@ -17,7 +17,9 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
-from workers.support import REPO, Statement, StatementLog, now, state, wait_for
+from workers.rows import state
+from workers.statements import Statement, StatementLog
+from workers.support import REPO, now, wait_for
 
 WORKER = Path(__file__).resolve().parent / "workers" / "fork_worker.py"
 INTERVAL = 1.0

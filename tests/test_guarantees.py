@@ -18,21 +18,15 @@ import time
 
 import pytest
 import sqlalchemy as sa
+from workers.outage import Outage, backend_ids, kill_backends
+from workers.rows import execute, set_row, state
+from workers.statements import Statement, StatementLog
 from workers.support import (
-    Outage,
-    Pool,
     Sampler,
-    Statement,
-    StatementLog,
     Worker,
-    backend_ids,
+    assert_lowered_on_waking,
     captured_thread_errors,
-    execute,
-    kill_backends,
     now,
-    raised_runs,
-    set_row,
-    state,
     unique,
     wait_for,
 )
@@ -44,12 +38,6 @@ MARGIN = 0.02  # the documented margin, as a fraction of interval
 LEASE = INTERVAL * (1 - MARGIN)  # how long after t_sent a holder may read raised == True
 SLACK = 0.5
 
-
-@pytest.fixture
-def pool(db_url):
-    p = Pool(db_url)
-    yield p
-    p.close()
 
 
 # -- safety -----------------------------------------------------------------------------------
@@ -80,18 +68,7 @@ def test_frozen_holder_reads_lowered_on_waking(db_url, engine, flag_name, tmp_pa
     finally:
         codes = [w.stop() for w in (frozen, taker) if w is not None]
     assert codes == [0, 0]
-    a, b = frozen.readings(), taker.readings()
-    woke = next(r for r in a if r.t1 > t_cont)
-    assert woke.woke, "not the reading made on waking"
-    assert not woke.raised, "the frozen process read raised == True after waking"
-    assert all(not r.raised for r in a if r.t1 > t_cont)
-    assert any(r.raised and r.t1 < t_stop for r in a)
-    b_first = next(r for r in b if r.raised)
-    assert b_first.t0 < t_cont, "the other process did not take over during the freeze"
-    assert b_first.token == next(r for r in a if r.raised).token + 1
-    for a0, a1, _ in raised_runs(a):
-        for b0, b1, _ in raised_runs(b):
-            assert a1 < b0 or b1 < a0, f"both raised: {a0:.3f}-{a1:.3f} and {b0:.3f}-{b1:.3f}"
+    assert_lowered_on_waking(frozen.readings(), taker.readings(), t_stop, t_cont)
 
 
 def test_holder_lowers_no_later_than_t_sent_plus_lease(pool, flag_name):

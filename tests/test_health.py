@@ -14,19 +14,14 @@ import time
 import pytest
 from sqlalchemy.ext.asyncio import create_async_engine
 from test_async import async_url
-from workers.support import Outage, Pool, wait_for
+from workers.outage import Outage
+from workers.support import Pool, wait_for
 
 import sqlflag
 
 INTERVAL = 1.0
 SLACK = 0.5
 
-
-@pytest.fixture
-def pool(db_url: str):
-    p = Pool(db_url)
-    yield p
-    p.close()
 
 
 def test_health_of_a_holder_and_a_follower(pool: Pool, dialect: str, flag_name: str) -> None:

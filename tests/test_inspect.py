@@ -6,7 +6,7 @@ import dataclasses
 import time
 
 import pytest
-from workers.support import set_row, state
+from workers.rows import set_row, state
 
 import sqlflag
 

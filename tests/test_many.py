@@ -16,10 +16,12 @@ import threading
 import time
 import uuid
 
-import pytest
 import sqlalchemy as sa
 from test_async import APool, run, sleep_until
-from workers.support import Outage, Pool, Sampler, StatementLog, now, steal
+from workers.outage import Outage
+from workers.rows import steal
+from workers.statements import StatementLog
+from workers.support import Sampler, now
 
 import sqlflag
 
@@ -27,12 +29,6 @@ INTERVAL = 1.0
 SLACK = 0.5
 LEASE = INTERVAL * 0.98  # how long after a successful check's start a holder reads raised
 
-
-@pytest.fixture
-def pool(db_url):
-    p = Pool(db_url)
-    yield p
-    p.close()
 
 
 def names(count: int) -> list[str]:

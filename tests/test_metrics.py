@@ -7,19 +7,14 @@ import time
 import uuid
 
 import prometheus_client
-import pytest
 from prometheus_client import CollectorRegistry, generate_latest
-from workers.support import Outage, Pool, StatementLog, set_row, steal
+from workers.outage import Outage
+from workers.rows import set_row, steal
+from workers.statements import StatementLog
 
 INTERVAL = 1.0
 SLACK = 0.5
 
-
-@pytest.fixture
-def pool(db_url):
-    p = Pool(db_url)
-    yield p
-    p.close()
 
 
 def value(registry: CollectorRegistry, metric: str, **labels: str) -> float | None:

@@ -783,6 +783,21 @@ else:
     engine.dispose()
 '''
 
+# The host's migration that creates its own table (the body of two revision files below).
+ORDERS_OPS = """
+
+def upgrade():
+    op.create_table(
+        "orders",
+        sa.Column("id", sa.Integer, primary_key=True),
+        sa.Column("item", sa.String(100), nullable=False),
+    )
+
+
+def downgrade():
+    op.drop_table("orders")
+"""
+
 HOST_REVISION_FILE = f'''\
 """create orders
 
@@ -796,19 +811,7 @@ revision = "{HOST_REVISION}"
 down_revision = None
 branch_labels = ("hostapp",)
 depends_on = None
-
-
-def upgrade():
-    op.create_table(
-        "orders",
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("item", sa.String(100), nullable=False),
-    )
-
-
-def downgrade():
-    op.drop_table("orders")
-'''
+''' + ORDERS_OPS
 
 # The host's own migrate helper: version_locations from sqlflag's migrations_path().
 HOST_MIGRATE = """\
@@ -960,19 +963,7 @@ revision = "{HOST_ORDERS_REVISION}"
 down_revision = "{HOST_FLAGS_REVISION}"
 branch_labels = None
 depends_on = None
-
-
-def upgrade():
-    op.create_table(
-        "orders",
-        sa.Column("id", sa.Integer, primary_key=True),
-        sa.Column("item", sa.String(100), nullable=False),
-    )
-
-
-def downgrade():
-    op.drop_table("orders")
-''',
+''' + ORDERS_OPS,
 }
 
 # What ``alembic init`` writes, cut down: ``alembic revision`` needs a template.

@@ -14,7 +14,6 @@ import itertools
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -24,11 +23,13 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from harness.servers import free_port
 from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector, mark_process_dead
 from prometheus_client.parser import text_string_to_metric_families
 from prometheus_client.samples import Sample
-from workers.support import REPO, Worker, state, wait_for
+from workers.rows import state
+from workers.support import REPO, Worker, wait_for
 
 import sqlflag
 
@@ -238,12 +239,6 @@ def test_single_process_lease_left_is_computed_at_each_scrape(make_flag, flag_na
 
 
 # --------------------------------------------------------------------------- gunicorn
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def get_metrics(port: int) -> list[Sample]:

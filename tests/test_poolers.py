@@ -18,9 +18,11 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from harness.proxy import Proxy
 from sqlalchemy.ext.asyncio import AsyncEngine, create_async_engine
 from workers.pgbouncer import PgBouncer
-from workers.support import Sampler, StatementLog, TcpProxy, now, wait_for
+from workers.statements import StatementLog
+from workers.support import Sampler, now, wait_for
 
 import sqlflag
 
@@ -210,7 +212,7 @@ def test_one_round_trip_per_check_through_pgbouncer(
     """A TCP proxy between sqlflag and PgBouncer counts request bursts: each check (follower,
     acquisition, renewal) is one, bounds included."""
     pgb = pg.bouncer(mode)
-    proxy = TcpProxy("127.0.0.1", pgb.port)
+    proxy = Proxy.running("127.0.0.1", pgb.port, name="test-proxy", clock=now)
     try:
         holder = pg.flag(pg.engine(pgb.url(pg.db_url)), flag_name, "holder", listen=False)
         assert holder.wait_raised(3)
@@ -449,7 +451,7 @@ def test_async_psycopg_one_round_trip_per_check_through_transaction_pooling(pg, 
     """The async shell sends the same single message: one request burst per renewal, past
     the 5th execution (where psycopg would otherwise prepare)."""
     pgb = pg.bouncer("transaction")
-    proxy = TcpProxy("127.0.0.1", pgb.port)
+    proxy = Proxy.running("127.0.0.1", pgb.port, name="test-proxy", clock=now)
     url = sa.make_url(proxy.url(pgb.url(pg.db_url))).set(drivername="postgresql+psycopg")
     starts: list[float] = []
 

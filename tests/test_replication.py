@@ -29,7 +29,8 @@ import sqlalchemy as sa
 from harness.failover import FailoverConfig, FailoverResult, run_failover
 from harness.mariadbpair import runbook_statement
 from harness.pgpair import PgPair
-from workers.support import execute, set_row, state, wait_for
+from workers.rows import execute, set_row, state
+from workers.support import wait_for
 
 import sqlflag
 from sqlflag import _migrate

@@ -20,10 +20,9 @@ from typing import Any
 
 import pytest
 import sqlalchemy as sa
+from workers.cli import alive, cli_env
 
 import sqlflag
-
-ROOT = Path(__file__).resolve().parents[1]
 
 CHILD = textwrap.dedent(
     """
@@ -57,22 +56,6 @@ CHILD = textwrap.dedent(
         time.sleep(0.05)
     """
 )
-
-
-def cli_env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "SQLFLAG_URL")}
-    if os.environ.get("SQLFLAG_EXPECT_INSTALLED") != "1":
-        env["PYTHONPATH"] = str(ROOT)
-    return env
-
-
-def alive(pid: int) -> bool:
-    """True while ``pid`` runs (a zombie, waiting to be reaped, counts as dead)."""
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
-    except (FileNotFoundError, ProcessLookupError):
-        return False
 
 
 def eventually(check: Callable[[], Any], timeout: float, what: str) -> Any:

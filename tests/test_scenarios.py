@@ -10,27 +10,14 @@ from __future__ import annotations
 import logging
 import time
 
-import pytest
-from workers.support import (
-    Outage,
-    Pool,
-    Sampler,
-    StatementLog,
-    now,
-    set_row,
-    state,
-    steal,
-)
+from workers.outage import Outage
+from workers.rows import set_row, state, steal
+from workers.statements import StatementLog
+from workers.support import Sampler, now
 
 INTERVAL = 1.0
 SLACK = 0.5  # scheduling noise on a loaded 2-core machine
 
-
-@pytest.fixture
-def pool(db_url):
-    p = Pool(db_url)
-    yield p
-    p.close()
 
 
 def test_quickly_raised_when_the_flag_does_not_exist(pool, flag_name):

@@ -21,7 +21,7 @@ from harness.proxy import Proxy
 from prometheus_client import CollectorRegistry
 from sqlalchemy.ext.asyncio import create_async_engine
 from test_async import async_url, run
-from workers.support import set_row
+from workers.rows import set_row
 
 import sqlflag
 

@@ -158,8 +158,7 @@ class FailoverHarness(Harness):
         with self.database():
             try:
                 for i in range(cfg.workers):
-                    proxy = Proxy("127.0.0.1", pair.primary_port, name=f"proxy-w{i}")
-                    proxy.start()
+                    proxy = Proxy.running("127.0.0.1", pair.primary_port, name=f"proxy-w{i}")
                     proxies.append(proxy)
                     self.slots.append(Slot(i, proxy))
                 for slot in self.slots:
@@ -226,13 +225,7 @@ class FailoverHarness(Harness):
                 w1 = now()
                 self.stop_workers()
             finally:
-                for slot in self.slots:
-                    if slot.popen is not None and slot.popen.poll() is None:
-                        self.signal(slot, signal.SIGCONT)
-                        self.signal(slot, signal.SIGKILL)
-                        slot.popen.wait(10)
-                for p in proxies:
-                    p.stop()
+                self.kill_all(proxies)
         self.collect_anomalies()
         rec = checker.load(self.files)
         report = checker.check(rec, self.fault_log, cfg.interval, (w0, w1), self.name)
@@ -255,17 +248,6 @@ class FailoverHarness(Harness):
         self.fault_log.append({"kind": "kill", "instance": slot.instance, "t": t})
         self.slots.remove(slot)  # not restarted: its records stay in self.files
         return slot
-
-    def collect_anomalies(self) -> None:
-        for path in sorted(self.out.glob("*.err")):
-            text = path.read_text(errors="replace")
-            if "Traceback" in text or "Error" in text:
-                self.anomalies.append(f"{path.name}: {text.strip()[-400:]}")
-        for path in sorted(self.out.glob("*.log")):
-            errors = [ln for ln in path.read_text(errors="replace").splitlines()
-                      if " ERROR " in ln or " CRITICAL " in ln]
-            if errors:
-                self.anomalies.append(f"{path.name}: {len(errors)} error lines, e.g. {errors[0]}")
 
     def failover_figures(self, rec: checker.Records, marks: dict[str, Any]) -> dict[str, Any]:
         """What the round measured: tokens around the failover, overlaps, leaderless gap."""

@@ -24,8 +24,9 @@ from pathlib import Path
 
 import sqlalchemy as sa
 
-from .pgpair import ServerPair, free_port
+from .pgpair import ServerPair
 from .proxy import Proxy
+from .servers import free_port
 
 DOC = Path(__file__).resolve().parents[2] / "docs" / "replication.md"
 MARIADBD = os.environ.get("SQLFLAG_TEST_MARIADBD", "/usr/sbin/mariadbd")

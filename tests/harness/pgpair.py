@@ -16,7 +16,6 @@ import contextlib
 import os
 import pwd
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
@@ -26,14 +25,9 @@ from typing import TypeVar
 import sqlalchemy as sa
 
 from .proxy import Proxy
+from .servers import free_port
 
 BIN = Path(os.environ.get("SQLFLAG_TEST_PG_BIN", "/usr/lib/postgresql/15/bin"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 P = TypeVar("P", bound="ServerPair")

@@ -551,8 +551,7 @@ class Harness:
                     proxy = None
                     if cfg.dialect != "sqlite":
                         assert server_port is not None
-                        proxy = Proxy("127.0.0.1", server_port, name=f"proxy-w{i}")
-                        proxy.start()
+                        proxy = Proxy.running("127.0.0.1", server_port, name=f"proxy-w{i}")
                         proxies.append(proxy)
                     self.slots.append(Slot(i, proxy))
                 tokens_before = self.db_token()
@@ -602,22 +601,8 @@ class Harness:
                 tokens_after = self.db_token()
                 fence_writes = self.fence_writes()
             finally:
-                for slot in self.slots:
-                    if slot.popen is not None and slot.popen.poll() is None:
-                        self.signal(slot, signal.SIGCONT)
-                        self.signal(slot, signal.SIGKILL)
-                        slot.popen.wait(10)
-                for p in proxies:
-                    p.stop()
-        for path in sorted(self.out.glob("*.err")):
-            text = path.read_text(errors="replace")
-            if "Traceback" in text or "Error" in text:
-                self.anomalies.append(f"{path.name}: {text.strip()[-400:]}")
-        for path in sorted(self.out.glob("*.log")):
-            errors = [ln for ln in path.read_text(errors="replace").splitlines()
-                      if " ERROR " in ln or " CRITICAL " in ln]
-            if errors:
-                self.anomalies.append(f"{path.name}: {len(errors)} error lines, e.g. {errors[0]}")
+                self.kill_all(proxies)
+        self.collect_anomalies()
         names = flag_names(self.name, cfg.flags)
         report = checker.merge({
             name: checker.check(
@@ -647,6 +632,28 @@ class Harness:
         if not cfg.keep and not report.violations and not self.anomalies and cfg.out_dir is None:
             shutil.rmtree(self.out, ignore_errors=True)
         return result
+
+    def kill_all(self, proxies: list[Proxy]) -> None:
+        """SIGKILL every worker still running (woken first if frozen) and stop ``proxies``."""
+        for slot in self.slots:
+            if slot.popen is not None and slot.popen.poll() is None:
+                self.signal(slot, signal.SIGCONT)
+                self.signal(slot, signal.SIGKILL)
+                slot.popen.wait(10)
+        for p in proxies:
+            p.stop()
+
+    def collect_anomalies(self) -> None:
+        """Tracebacks in the workers' stderr and ERROR lines in their logs, as anomalies."""
+        for path in sorted(self.out.glob("*.err")):
+            text = path.read_text(errors="replace")
+            if "Traceback" in text or "Error" in text:
+                self.anomalies.append(f"{path.name}: {text.strip()[-400:]}")
+        for path in sorted(self.out.glob("*.log")):
+            errors = [ln for ln in path.read_text(errors="replace").splitlines()
+                      if " ERROR " in ln or " CRITICAL " in ln]
+            if errors:
+                self.anomalies.append(f"{path.name}: {len(errors)} error lines, e.g. {errors[0]}")
 
     def wait_first_raise(self, limit: float) -> float:
         deadline = time.monotonic() + limit

@@ -237,6 +237,19 @@ def count_batches(sqlflag: Any) -> list[int]:
     return counter
 
 
+def read_tokens(rec: Recorder, flags: list[Any]) -> int:
+    """Read every flag's token once, recording those held; returns how many were recorded."""
+    readings = 0
+    for k, flag in enumerate(flags):
+        before = now()
+        token = flag.token
+        after = now()
+        if token is not None:
+            rec.reading(before, after, token, k)
+            readings += 1
+    return readings
+
+
 def run_sync(
     cfg: dict[str, Any], rec: Recorder, stop: threading.Event, names: list[str], builder: Any
 ) -> int:
@@ -261,13 +274,7 @@ def run_sync(
     poll = cfg["poll"]
     readings = 0
     while not stop.is_set():
-        for k, flag in enumerate(flags):
-            before = now()
-            token = flag.token
-            after = now()
-            if token is not None:
-                rec.reading(before, after, token, k)
-                readings += 1
+        readings += read_tokens(rec, flags)
         time.sleep(poll)
 
     started = now()
@@ -275,8 +282,7 @@ def run_sync(
         flag.close()
     rec.event("closed", took=now() - started)
     fence.thread.join(5)
-    rec.event("summary", readings=readings, accepted=fence.accepted, rejected=fence.rejected,
-              fence_errors=fence.errors)
+    fence.summary(readings)
     engine.dispose()
     return 0
 
@@ -316,13 +322,7 @@ async def run_async(
     poll = cfg["poll"]
     readings = 0
     while not stop.is_set():
-        for k, flag in enumerate(flags):
-            before = now()
-            token = flag.token
-            after = now()
-            if token is not None:
-                rec.reading(before, after, token, k)
-                readings += 1
+        readings += read_tokens(rec, flags)
         await asyncio.sleep(poll)
 
     started = now()
@@ -330,8 +330,7 @@ async def run_async(
         await flag.close()
     rec.event("closed", took=now() - started)
     fence.thread.join(5)
-    rec.event("summary", readings=readings, accepted=fence.accepted, rejected=fence.rejected,
-              fence_errors=fence.errors)
+    fence.summary(readings)
     await engine.dispose()
     return 0
 
@@ -360,6 +359,11 @@ class Fence:
         self.rejected = 0
         self.errors = 0
         self.thread = threading.Thread(target=self.run, name="fence", daemon=True)
+
+    def summary(self, readings: int) -> None:
+        """Record the worker's summary: ``readings`` taken and what the fence did."""
+        self.rec.event("summary", readings=readings, accepted=self.accepted,
+                       rejected=self.rejected, fence_errors=self.errors)
 
     def run(self) -> None:
         url = sa.make_url(self.cfg["fence_url"])

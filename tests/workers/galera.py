@@ -9,26 +9,15 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
-import socket
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 
 import sqlalchemy as sa
+from harness.servers import free_ports, stop_process
 
 PROVIDER = "/usr/lib/galera/libgalera_smm.so"
-
-
-def _free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    try:
-        for s in socks:
-            s.bind(("127.0.0.1", 0))
-        return [int(s.getsockname()[1]) for s in socks]
-    finally:
-        for s in socks:
-            s.close()
 
 
 class Galera:
@@ -37,7 +26,7 @@ class Galera:
     def __init__(self, nodes: int = 2) -> None:
         self.dir = Path(tempfile.mkdtemp(prefix="sqlflag-galera-"))
         self.dir.chmod(0o755)  # mariadbd runs as the mysql user
-        ports = _free_ports(3 * nodes)
+        ports = free_ports(3 * nodes)
         self.ports = ports[:nodes]
         self.gcomm = ports[nodes : 2 * nodes]
         self.sst = ports[2 * nodes :]
@@ -115,13 +104,7 @@ class Galera:
 
     def stop(self) -> None:
         for p in reversed(self.procs):
-            if p.poll() is None:
-                p.terminate()
-                try:
-                    p.wait(30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
-                    p.wait(10)
+            stop_process(p, grace=30)
         self.procs.clear()
         shutil.rmtree(self.dir, ignore_errors=True)
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from harness.servers import free_port, stop_process
 
 
 def binary() -> str:
@@ -25,12 +26,6 @@ def binary() -> str:
     if found is None:
         pytest.fail("pgbouncer is not installed: apt-get install -y pgbouncer")
     return found
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class PgBouncer:
@@ -71,7 +66,7 @@ class PgBouncer:
         exe = binary()
         (self.dir / "users.txt").write_text(f'"{self.upstream.username or "postgres"}" ""\n')
         for _ in range(5):
-            self.port = _free_port()
+            self.port = free_port()
             ini = self.dir / "pgbouncer.ini"
             ini.write_text(self.config())
             cmd = [exe, str(ini)]
@@ -106,10 +101,5 @@ class PgBouncer:
 
     def stop(self) -> None:
         proc, self.proc = self.proc, None
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(10)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(10)
+        if proc is not None:
+            stop_process(proc)

@@ -1,8 +1,9 @@
 """Test helpers shared by the flag test modules.
 
-Nothing here imitates a database: the proxy forwards real bytes to the real server (and can cut
-them, like a failed network), rows are edited with SQL written by hand, independent of the
-library's own statements, and every time is CLOCK_BOOTTIME, the clock sqlflag bounds a lease with.
+Nothing here imitates a database: the proxy (``harness.proxy``) forwards real bytes to the real
+server (and can cut them, like a failed network), rows are edited with SQL written by hand,
+independent of the library's own statements, and every time is CLOCK_BOOTTIME, the clock
+sqlflag bounds a lease with.
 """
 
 from __future__ import annotations
@@ -10,8 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
-import sqlite3
 import subprocess
 import sys
 import threading
@@ -23,8 +22,10 @@ from pathlib import Path
 from typing import Any
 
 import sqlalchemy as sa
+from harness.proxy import Proxy
 
 import sqlflag
+from workers.outage import SqliteLock
 
 REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).resolve().parent / "flag_worker.py"
@@ -43,260 +44,6 @@ def wait_for(predicate: Any, timeout: float, step: float = 0.005) -> bool:
         if now() >= end:
             return False
         time.sleep(step)
-
-
-# -- direct row edits, by the database clock ------------------------------------------------
-
-
-def _later_sql(dialect: str) -> str:
-    """SQL for "the database's clock now, plus :secs seconds" (hand-written, not sqlflag's)."""
-    if dialect == "postgresql":
-        return "statement_timestamp() + make_interval(secs => :secs)"
-    if dialect == "mariadb":
-        return "TIMESTAMPADD(MICROSECOND, CAST(:secs * 1000000 AS SIGNED), UTC_TIMESTAMP(6))"
-    # SQLite: milliseconds padded to microseconds, the text format sqlflag and SQLAlchemy use.
-    return "strftime('%Y-%m-%d %H:%M:%f', 'now', printf('%+.3f seconds', :secs)) || '000'"
-
-
-def _now_sql(dialect: str) -> str:
-    return {
-        "postgresql": "statement_timestamp()",
-        "mariadb": "UTC_TIMESTAMP(6)",
-        "sqlite": "strftime('%Y-%m-%d %H:%M:%f', 'now') || '000'",
-    }[dialect]
-
-
-def dialect_of(engine: sa.Engine) -> str:
-    name = engine.dialect.name
-    return "mariadb" if name in ("mysql", "mariadb") else name
-
-
-def set_row(
-    engine: sa.Engine, name: str, holder: str | None, token: int, seconds: float
-) -> None:
-    """Make the flag's row say: ``holder`` holds ``token`` until database-now + ``seconds``."""
-    d = dialect_of(engine)
-    with engine.begin() as conn:
-        conn.execute(sa.text("DELETE FROM leadership_flags WHERE name = :name"), {"name": name})
-        conn.execute(
-            sa.text(
-                "INSERT INTO leadership_flags "
-                "(name, holder, token, acquired_at, renewed_at, expires_at) "
-                f"VALUES (:name, :holder, :token, {_now_sql(d)}, {_now_sql(d)}, {_later_sql(d)})"
-            ),
-            {"name": name, "holder": holder, "token": token, "secs": seconds},
-        )
-
-
-def steal(engine: sa.Engine, name: str, holder: str, seconds: float) -> int:
-    """Take the lease by hand (a new holder, token + 1, valid for ``seconds``); the new token."""
-    d = dialect_of(engine)
-    with engine.begin() as conn:
-        conn.execute(
-            sa.text(
-                f"UPDATE leadership_flags SET holder = :holder, token = token + 1, "
-                f"renewed_at = {_now_sql(d)}, expires_at = {_later_sql(d)} WHERE name = :name"
-            ),
-            {"name": name, "holder": holder, "secs": seconds},
-        )
-        token = conn.execute(
-            sa.text("SELECT token FROM leadership_flags WHERE name = :name"), {"name": name}
-        ).scalar_one()
-    return int(token)
-
-
-def execute(engine: sa.Engine, sql: str, **params: Any) -> None:
-    with engine.begin() as conn:
-        conn.execute(sa.text(sql), params)
-
-
-def state(engine: sa.Engine, name: str) -> sqlflag.FlagState:
-    [found] = sqlflag.inspect(engine, name)
-    return found
-
-
-# -- a real TCP proxy in front of a database server -----------------------------------------
-
-
-@dataclass
-class _Link:
-    client: socket.socket
-    upstream: socket.socket
-    last: str = ""  # direction of the last bytes: "c" client to server, "s" server to client
-
-
-class TcpProxy:
-    """Forwards connections to a database server; can cut every connection and refuse new ones.
-
-    It also counts round trips: a *burst* is client data arriving after the server last spoke
-    (or first on a connection). A driver that sends BEGIN, SET or COMMIT next to a statement
-    makes more bursts than statements, whatever the driver-level API looks like.
-    """
-
-    def __init__(self, host: str, port: int) -> None:
-        self.upstream = (host, port)
-        self._lock = threading.Lock()
-        self._links: list[_Link] = []
-        self.refusing = False
-        self.accepted: list[float] = []  # times connections were attempted
-        self.bursts: list[float] = []  # times client request bursts arrived
-        self._listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind(("127.0.0.1", 0))
-        self._listener.listen(128)
-        self.port: int = self._listener.getsockname()[1]
-        self._thread = threading.Thread(target=self._accept, name="test-proxy", daemon=True)
-        self._thread.start()
-
-    def url(self, url: str | sa.URL) -> str:
-        return (
-            sa.make_url(url)
-            .set(host="127.0.0.1", port=self.port)
-            .render_as_string(hide_password=False)
-        )
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            with self._lock:
-                self.accepted.append(now())
-                refusing = self.refusing
-            if refusing:
-                _shut(client)
-                continue
-            try:
-                upstream = socket.create_connection(self.upstream, timeout=5)
-                upstream.settimeout(None)
-            except OSError:
-                _shut(client)
-                continue
-            link = _Link(client, upstream)
-            with self._lock:
-                if self.refusing:
-                    _shut(client)
-                    _shut(upstream)
-                    continue
-                self._links.append(link)
-            for src, dst, side in ((client, upstream, "c"), (upstream, client, "s")):
-                threading.Thread(
-                    target=self._pump, args=(link, src, dst, side), daemon=True
-                ).start()
-
-    def _pump(self, link: _Link, src: socket.socket, dst: socket.socket, side: str) -> None:
-        try:
-            while True:
-                data = src.recv(65536)
-                if not data:
-                    break
-                with self._lock:
-                    if side == "c" and link.last != "c":
-                        self.bursts.append(now())
-                    link.last = side
-                dst.sendall(data)
-        except OSError:
-            pass
-        finally:
-            _shut(link.client)
-            _shut(link.upstream)
-            with self._lock, contextlib.suppress(ValueError):
-                self._links.remove(link)
-
-    def refuse(self) -> None:
-        """Refuse new connections (those already open keep working)."""
-        with self._lock:
-            self.refusing = True
-
-    def cut(self) -> None:
-        """The network fails: close every connection and refuse new ones until restore()."""
-        with self._lock:
-            self.refusing = True
-            links, self._links = self._links, []
-        for link in links:
-            _shut(link.client)
-            _shut(link.upstream)
-
-    def restore(self) -> None:
-        with self._lock:
-            self.refusing = False
-
-    def close(self) -> None:
-        self.cut()
-        with contextlib.suppress(OSError):
-            self._listener.shutdown(socket.SHUT_RDWR)
-        self._listener.close()
-        self._thread.join(5)
-
-    def bursts_between(self, start: float, end: float) -> int:
-        with self._lock:
-            return sum(1 for t in self.bursts if start <= t < end)
-
-
-def _shut(sock: socket.socket) -> None:
-    with contextlib.suppress(OSError):
-        sock.shutdown(socket.SHUT_RDWR)
-    with contextlib.suppress(OSError):
-        sock.close()
-
-
-# -- cutting a flag off its database ---------------------------------------------------------
-
-
-class SqliteLock:
-    """Another connection holding an exclusive lock on the SQLite file: nobody else can write."""
-
-    def __init__(self, url: str) -> None:
-        path = sa.make_url(url).database
-        assert path
-        self._conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
-        self.held = False
-
-    def acquire(self) -> None:
-        self._conn.execute("BEGIN EXCLUSIVE")
-        self.held = True
-
-    def release(self) -> None:
-        if self.held:
-            self._conn.execute("ROLLBACK")
-            self.held = False
-
-    def close(self) -> None:
-        self.release()
-        self._conn.close()
-
-
-def backend_ids(engine: sa.Engine) -> list[int]:
-    """Record the server session id of every connection ``engine`` opens (list grows)."""
-    ids: list[int] = []
-    d = dialect_of(engine)
-    sql = "SELECT pg_backend_pid()" if d == "postgresql" else "SELECT CONNECTION_ID()"
-
-    @sa.event.listens_for(engine, "connect")
-    def _record(dbapi_conn: Any, _record: Any) -> None:
-        cur = dbapi_conn.cursor()
-        try:
-            cur.execute(sql)
-            ids.append(int(cur.fetchone()[0]))
-        finally:
-            cur.close()
-        dbapi_conn.rollback()  # leave the session idle, outside any transaction
-
-    return ids
-
-
-def kill_backends(admin: sa.Engine, ids: Sequence[int]) -> None:
-    """Terminate server sessions from another connection (the server hangs up on them)."""
-    d = dialect_of(admin)
-    with admin.connect() as conn:
-        for pid in list(ids):
-            if d == "postgresql":
-                conn.execute(sa.text("SELECT pg_terminate_backend(:pid)"), {"pid": pid})
-            else:
-                with contextlib.suppress(sa.exc.DBAPIError):  # already gone
-                    conn.exec_driver_sql(f"KILL CONNECTION {int(pid)}")
-        conn.commit()
 
 
 # -- sampling ``raised`` ----------------------------------------------------------------------
@@ -358,6 +105,20 @@ class Sampler:
 
 # -- engines and flags ------------------------------------------------------------------------
 
+#: the tests' flag settings: a 1 s lease, 0.3 s statement timeout, no jitter
+FAST = {"interval": 1.0, "timeout": 0.3, "jitter": 0.0}
+
+
+def build_flag(handle: Any, name: str, process: str, **options: Any) -> sqlflag.Flag:
+    """A flag with :data:`FAST` settings, ``options`` overriding them (builder method names;
+    ``on_raised`` / ``on_lowered`` take a list of callbacks)."""
+    builder = sqlflag.new_flag().handle(handle).name(name).process(process)
+    for key, value in {**FAST, **options}.items():
+        method = getattr(builder, key)
+        for item in value if key in ("on_raised", "on_lowered") else [value]:
+            method(item)
+    return builder.build()
+
 
 class Pool:
     """Engines (one per simulated process) and flags, all cleaned up at the end of a test."""
@@ -366,7 +127,7 @@ class Pool:
         self.url = url
         self.engines: list[sa.Engine] = []
         self.flags: list[sqlflag.Flag] = []
-        self.proxies: list[TcpProxy] = []
+        self.proxies: list[Proxy] = []
         self.locks: list[SqliteLock] = []
 
     def engine(self, url: str | None = None, **kw: Any) -> sa.Engine:
@@ -374,10 +135,10 @@ class Pool:
         self.engines.append(eng)
         return eng
 
-    def proxy(self) -> TcpProxy:
+    def proxy(self) -> Proxy:
         u = sa.make_url(self.url)
         assert u.host and u.port, "a server dialect"
-        p = TcpProxy(u.host, u.port)
+        p = Proxy.running(u.host, u.port, name="test-proxy", clock=now)
         self.proxies.append(p)
         return p
 
@@ -387,13 +148,7 @@ class Pool:
         return lock
 
     def flag(self, engine: sa.Engine, name: str, process: str, **options: Any) -> sqlflag.Flag:
-        settings = {"interval": 1.0, "timeout": 0.3, "jitter": 0.0, **options}
-        builder = sqlflag.new_flag().handle(engine).name(name).process(process)
-        for key, value in settings.items():
-            method = getattr(builder, key)
-            for item in value if key in ("on_raised", "on_lowered") else [value]:
-                method(item)
-        flag = builder.build()
+        flag = build_flag(engine, name, process, **options)
         self.flags.append(flag)
         return flag
 
@@ -423,7 +178,8 @@ class Reading:
 
 
 class Worker:
-    """``flag_worker.py`` in a subprocess: it builds a flag and logs every reading of it."""
+    """``flag_worker.py`` in a subprocess: it builds a flag (or an AsyncFlag) and logs every
+    reading of it."""
 
     def __init__(  # noqa: PLR0917
         self,
@@ -435,7 +191,9 @@ class Worker:
         timeout: float = 0.3,
         metrics_subsystem: str = "",
         env: dict[str, str] | None = None,
+        use_async: bool = False,
     ) -> None:
+        """``use_async``: an AsyncFlag on an async engine (``url`` names an async driver)."""
         self.out = out
         self.err = out.with_suffix(".err")
         self._err = self.err.open("wb")
@@ -451,6 +209,7 @@ class Worker:
                 "--timeout", str(timeout),
                 "--out", str(out),
                 "--metrics-subsystem", metrics_subsystem,
+                *(["--async"] if use_async else []),
             ],
             env=env,
             stdout=subprocess.DEVNULL,
@@ -528,6 +287,25 @@ def raised_runs(readings: Sequence[Reading]) -> list[tuple[float, float, int]]:
     return runs
 
 
+def assert_lowered_on_waking(
+    a: Sequence[Reading], b: Sequence[Reading], t_stop: float, t_cont: float
+) -> None:
+    """The frozen-holder checks: ``a`` (frozen before ``t_stop``, woken at ``t_cont``) read
+    ``raised == False`` first thing on waking, ``b`` took over during the freeze with the next
+    token, and the two were never raised at once."""
+    woke = next(r for r in a if r.t1 > t_cont)
+    assert woke.woke, "not the reading made on waking"
+    assert not woke.raised, "the frozen process read raised == True after waking"
+    assert all(not r.raised for r in a if r.t1 > t_cont)
+    assert any(r.raised and r.t1 < t_stop for r in a)
+    b_first = next(r for r in b if r.raised)
+    assert b_first.t0 < t_cont, "the other process did not take over during the freeze"
+    assert b_first.token == next(r for r in a if r.raised).token + 1
+    for a0, a1, _ in raised_runs(a):
+        for b0, b1, _ in raised_runs(b):
+            assert a1 < b0 or b1 < a0, f"both raised: {a0:.3f}-{a1:.3f} and {b0:.3f}-{b1:.3f}"
+
+
 def unique(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:8]}"
 
@@ -548,127 +326,3 @@ def captured_thread_errors() -> Iterator[list[BaseException]]:
         yield errors
     finally:
         threading.excepthook = previous
-
-
-# -- what an engine sends ---------------------------------------------------------------------
-
-
-@dataclass
-class Statement:
-    start: float  # before the cursor executes (the core took t_sent just before this)
-    sql: str
-    params: Any
-    end: float | None = None  # set when it succeeded
-    failed: float | None = None  # set when it raised
-    thread: str = field(default_factory=lambda: threading.current_thread().name)
-
-    @property
-    def by_flag(self) -> bool:
-        """Sent by a flag's loop (its I/O thread), not by build() or the test."""
-        return self.thread.startswith("sqlflag")
-
-
-class StatementLog:
-    """Every statement an engine's cursors execute, with times, and every connect attempt."""
-
-    def __init__(self, engine: sa.Engine) -> None:
-        self.statements: list[Statement] = []
-        self.connects: list[float] = []
-        self.errors: list[float] = []
-
-        @sa.event.listens_for(engine, "before_cursor_execute")
-        def _before(*args: Any) -> None:
-            _conn, _cursor, sql, params, context, _many = args
-            entry = Statement(now(), sql, params)
-            self.statements.append(entry)
-            if context is not None:
-                context._test_entry = entry
-
-        @sa.event.listens_for(engine, "after_cursor_execute")
-        def _after(*args: Any) -> None:
-            context = args[4]
-            entry = getattr(context, "_test_entry", None)
-            if entry is not None:
-                entry.end = now()
-
-        @sa.event.listens_for(engine, "handle_error")
-        def _error(ctx: Any) -> None:
-            t = now()
-            self.errors.append(t)
-            entry = getattr(ctx.execution_context, "_test_entry", None)
-            if entry is not None:
-                entry.failed = t
-
-        @sa.event.listens_for(engine, "do_connect")
-        def _connect(dialect: Any, rec: Any, cargs: Any, cparams: Any) -> None:
-            self.connects.append(now())
-
-    def succeeded(self) -> list[Statement]:
-        return [s for s in self.statements if s.end is not None]
-
-    def last_lease_statement(self, before: float) -> float:
-        """Start of the last statement on the lease that succeeded before ``before``."""
-        return max(
-            s.start
-            for s in self.statements
-            if s.end is not None and s.end <= before and "leadership_flags" in s.sql
-        )
-
-    def wait_next(self, timeout: float) -> Statement | None:
-        """Block until a statement started after now succeeds; return it."""
-        start = now()
-        found: list[Statement] = []
-
-        def done() -> bool:
-            found[:] = [s for s in self.statements if s.start >= start and s.end is not None]
-            return bool(found)
-
-        return found[0] if wait_for(done, timeout) else None
-
-
-class Outage:
-    """Cuts one engine (one simulated process) off its database, then brings it back.
-
-    PostgreSQL and MariaDB: the engine goes through a :class:`TcpProxy`; the outage refuses
-    new connections and terminates the engine's server sessions (``pg_terminate_backend`` /
-    ``KILL CONNECTION``), so the server hangs up on it. SQLite: another connection holds an
-    exclusive lock on the file; that blocks every writer, not only this engine.
-    """
-
-    def __init__(self, pool: Pool) -> None:
-        self.dialect = dialect_of(sa.create_engine(pool.url))
-        self.proxy: TcpProxy | None = None
-        self.lock: SqliteLock | None = None
-        if self.dialect == "sqlite":
-            self.lock = pool.sqlite_lock()
-            self.engine = pool.engine()
-        else:
-            self.proxy = pool.proxy()
-            self.engine = pool.engine(self.proxy.url(pool.url))
-            self.sessions = backend_ids(self.engine)
-            self.admin = pool.engine()
-            with self.admin.connect():  # connected ahead, so that start() is quick
-                pass
-        self.active = False
-
-    @property
-    def local(self) -> bool:
-        """True when the outage only hits this engine (not SQLite's file lock)."""
-        return self.lock is None
-
-    def start(self) -> None:
-        self.active = True
-        if self.lock is not None:
-            self.lock.acquire()
-            return
-        assert self.proxy is not None
-        self.proxy.refuse()
-        kill_backends(self.admin, self.sessions)
-        self.proxy.cut()
-
-    def end(self) -> None:
-        self.active = False
-        if self.lock is not None:
-            self.lock.release()
-        elif self.proxy is not None:
-            self.proxy.restore()
