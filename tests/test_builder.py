@@ -48,7 +48,8 @@ def assert_config_error(builder: sqlflag.FlagBuilder, *words: str) -> str:
     message = str(info.value)
     for word in words:
         assert word in message, f"{word!r} not in {message!r}"
-    assert sqlflag_threads() == before, "background work started before validation"
+    # None started (a thread of an earlier test may end meanwhile).
+    assert sqlflag_threads() <= before, "background work started before validation"
     return message
 
 
@@ -237,7 +238,7 @@ def test_missing_table_is_a_schema_error(empty_url):
             complete(eng).build()
         assert "alembic upgrade head" in str(info.value)
         assert "leadership_flags" in str(info.value)
-        assert sqlflag_threads() == before
+        assert sqlflag_threads() <= before  # none started (an earlier test's may end meanwhile)
         assert not sa.inspect(eng).has_table("leadership_flags"), "created without being asked"
 
 
