@@ -142,14 +142,6 @@ class MariaDBPair(ServerPair):
         if got != 0:
             raise RuntimeError(f"replica did not reach {pos!r} within {limit} s")
 
-    def lag(self) -> None:
-        assert self.repl is not None
-        self.repl.blackhole()
-
-    def heal(self) -> None:
-        assert self.repl is not None
-        self.repl.heal()
-
     def stop_primary(self) -> None:
         proc = self._procs[self.primary_dir]
         proc.send_signal(signal.SIGKILL)

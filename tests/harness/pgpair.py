@@ -37,6 +37,8 @@ class ServerPair:
     """What both pairs share: a context manager, and one-statement access to either server."""
 
     primary_port: int
+    #: The proxy the standby replicates through (None until started).
+    repl: Proxy | None
     #: Quotes a database name in this server's SQL.
     QUOTE = '"'
 
@@ -69,6 +71,16 @@ class ServerPair:
 
     def create_database(self, name: str) -> None:
         self.scalar(self.primary_port, f"CREATE DATABASE {self.QUOTE}{name}{self.QUOTE}")
+
+    def lag(self) -> None:
+        """Cut the replication link: the standby keeps what it has and gets nothing more."""
+        assert self.repl is not None
+        self.repl.blackhole()
+
+    def heal(self) -> None:
+        """Let the held-back changes through again (after :meth:`lag`)."""
+        assert self.repl is not None
+        self.repl.heal()
 
 
 class PgPair(ServerPair):
@@ -197,16 +209,6 @@ class PgPair(ServerPair):
             if time.monotonic() > deadline:
                 raise RuntimeError(f"standby still behind {target} after {limit} s")
             time.sleep(0.05)
-
-    def lag(self) -> None:
-        """Cut the replication link: the standby keeps what it has and gets nothing more."""
-        assert self.repl is not None
-        self.repl.blackhole()
-
-    def heal(self) -> None:
-        """Let the held-back WAL through again (after :meth:`lag`)."""
-        assert self.repl is not None
-        self.repl.heal()
 
     def stop_primary(self) -> None:
         """The old primary goes away at once (crash, or fenced off by the HA manager)."""
