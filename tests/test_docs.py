@@ -122,3 +122,30 @@ def test_the_generated_performance_page_is_stamped():
                   "| command |"):
         assert field in text
     assert "python -m benchmarks" in text
+
+
+def prose_lines(path: Path) -> list[tuple[int, str]]:
+    """The long lines of prose of a page (outside code blocks and tables)."""
+    found: list[tuple[int, str]] = []
+    fenced = False
+    for number, line in enumerate(path.read_text().splitlines(), 1):
+        stripped = line.strip()
+        if stripped.startswith("```"):
+            fenced = not fenced
+            continue
+        if not fenced and len(stripped) >= 70 and not stripped.startswith(("|", "--8<--")):
+            found.append((number, stripped))
+    return found
+
+
+def test_no_text_exists_twice():
+    """Text the README and a page share lives once and is included, never copied."""
+    seen: dict[str, str] = {}
+    twice = []
+    for path in [README, *sorted(DOCS.rglob("*.md"))]:
+        for number, line in prose_lines(path):
+            where = f"{path.relative_to(ROOT)}:{number}"
+            if line in seen:
+                twice.append((seen[line], where, line))
+            seen.setdefault(line, where)
+    assert twice == []
