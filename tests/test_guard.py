@@ -10,6 +10,9 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import subprocess
+import sys
+import textwrap
 import time
 import uuid
 from collections.abc import Iterator
@@ -22,6 +25,7 @@ from alembic.migration import MigrationContext
 from alembic.operations import Operations
 from sqlalchemy.ext.asyncio import create_async_engine
 from sqlalchemy.orm import Session
+from workers.cli import cli_env
 from workers.support import Sampler, Worker, build_flag, now, wait_for
 
 import sqlflag
@@ -275,6 +279,44 @@ def test_a_long_guarded_transaction_costs_the_holder_its_lease(engine, make_flag
         _write(conn, writes, token, "a")
         conn.commit()
     assert wait_for(lambda: holder.raised or competitor.raised, 5 * INTERVAL)
+
+
+JOB = textwrap.dedent(
+    """
+    import os, sys
+    import sqlalchemy as sa
+    import sqlflag
+
+    url, table = sys.argv[1], sys.argv[2]
+    token = int(os.environ["SQLFLAG_TOKEN"])
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:
+        sqlflag.guard(conn, name=os.environ["SQLFLAG_NAME"], token=os.environ["SQLFLAG_TOKEN"],
+                      holder=os.environ["SQLFLAG_PROCESS"])
+        conn.execute(sa.text(f"INSERT INTO {table} (token, writer) VALUES (:t, 'job')"),
+                     {"t": token})
+    """
+)
+
+
+def test_a_job_of_sqlflag_run_guards_with_its_environment(db_url, engine, flag_name, writes,
+                                                           tmp_path):
+    """A command run by ``sqlflag run`` guards its write with ``$SQLFLAG_NAME``,
+    ``$SQLFLAG_TOKEN`` and ``$SQLFLAG_PROCESS``; once the run has released the flag (the
+    command exited), that token's guard raises."""
+    job = tmp_path / "job.py"
+    job.write_text(JOB)
+    done = subprocess.run(
+        [sys.executable, "-m", "sqlflag", "run", "--url", db_url, "--name", flag_name,
+         "--process", "runner", "--interval", "1", "--", sys.executable, str(job), db_url,
+         writes],
+        env=cli_env(), capture_output=True, text=True, timeout=60, check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    [(_, token, writer)] = _rows(engine, writes)
+    assert writer == "job"
+    with engine.connect() as conn, conn.begin(), pytest.raises(sqlflag.NotLeaderError):
+        sqlflag.guard(conn, name=flag_name, token=token, holder="runner")
 
 
 # -- the unique index -------------------------------------------------------------------------
