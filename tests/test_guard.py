@@ -29,7 +29,6 @@ from workers.cli import cli_env
 from workers.support import Sampler, Worker, build_flag, now, wait_for
 
 import sqlflag
-from sqlflag import _guard
 
 INTERVAL = 1.0
 ASYNC_DRIVERS = {
@@ -173,18 +172,6 @@ def test_refusals(engine, make_flag, flag_name, db_url, dialect, tmp_path):  # n
             holder.guard(conn)
     finally:
         other.dispose()
-
-
-def test_same_database_by_url(tmp_path):
-    same = _guard.same_database
-    u = sa.make_url
-    assert same(u("postgresql+psycopg://a@h/app"), u("postgresql+asyncpg://b:pw@pooler:6432/app"))
-    assert not same(u("postgresql+psycopg://a@h/app"), u("postgresql+psycopg://a@h/other"))
-    assert same(u("mysql+pymysql://r@h/app"), u("mariadb+pymysql://r@h/app"))
-    assert not same(u("mysql+pymysql://r@h/app"), u("postgresql://r@h/app"))
-    here = tmp_path / "f.db"
-    assert same(u(f"sqlite:///{here}"), u(f"sqlite+aiosqlite:///{tmp_path}/./f.db"))
-    assert not same(u(f"sqlite:///{here}"), u(f"sqlite:///{tmp_path / 'g.db'}"))
 
 
 # -- a guarded transaction keeps every competitor out ------------------------------------------
