@@ -101,6 +101,11 @@ def _flag_check(conn: sa.Connection, flag: FlagBase, url: sa.URL, schema: str | 
             f"the flag on {_show(url)}: a guard locks the flag's row, so it must run on the "
             "flag's database, in the transaction of the writes it guards"
         )
+    _run(conn, flag.name, local_token(flag), flag.process, schema)
+
+
+def local_token(flag: FlagBase) -> int:
+    """The flag's token as this process sees it; NotLeaderError while lowered or closed."""
     token = flag.token  # None while lowered, closed or inherited through fork()
     if flag.closed or token is None:
         state = "closed" if flag.closed else "lowered"
@@ -108,7 +113,7 @@ def _flag_check(conn: sa.Connection, flag: FlagBase, url: sa.URL, schema: str | 
             f"flag {flag.name!r} of process {flag.process!r} is {state}: not guarding",
             flag.name, None, flag.process,
         )
-    _run(conn, flag.name, token, flag.process, schema)
+    return token
 
 
 def _check(
