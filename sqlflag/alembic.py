@@ -20,8 +20,9 @@ was created by an older sqlflag calls the upgrades it has not run yet from a new
 * sqlflag 0.1, the table: :func:`create_table` / :func:`drop_table`;
 * sqlflag 0.2, names compared exactly on MySQL/MariaDB: :func:`exact_names` /
   :func:`undo_exact_names`;
-* sqlflag 0.3, the unique index over ``(name, token)`` that the guard needs on PostgreSQL
-  (:func:`sqlflag.guard`, ``flag.guard()``): :func:`guard_index` / :func:`undo_guard_index`.
+* sqlflag 0.2 also, the unique index over ``(name, token)`` that the guard needs on
+  PostgreSQL (:func:`sqlflag.guard`, ``flag.guard()``): :func:`guard_index` /
+  :func:`undo_guard_index`.
 
 sqlflag's own packaged revisions (``sqlflag migrate``, ``alembic`` from a checkout) are made
 of the same code: the first creates the 0.1 table with the column list of
@@ -187,7 +188,7 @@ def undo_exact_names(op: Any, schema: str | None = None) -> None:
 
 
 def guard_index(op: Any, schema: str | None = None) -> None:
-    """Add the unique index over ``(name, token)``: sqlflag 0.3's schema change.
+    """Add the unique index over ``(name, token)``: sqlflag 0.2's second schema change.
 
     The guard (``flag.guard(connection)``, :func:`sqlflag.guard`) locks the flag's row with
     ``FOR KEY SHARE`` on PostgreSQL; with ``token`` in a unique index, only a change of token
@@ -195,7 +196,8 @@ def guard_index(op: Any, schema: str | None = None) -> None:
     index the guard refuses to run on PostgreSQL (:class:`sqlflag.SchemaError`); flags work
     either way. On MySQL/MariaDB and SQLite the guard does not need it; it is created there
     too, so the table is the same everywhere. Call it from a new revision if your table was
-    created by an older sqlflag (``create_table`` already does this). Rows are kept: tokens
+    created by an older sqlflag, or by a ``create_table`` of before the guard (today's
+    ``create_table`` already does this). Rows are kept: tokens
     never repeat within a flag.
 
     Args:
