@@ -177,10 +177,13 @@ def test_refusals(engine, make_flag, flag_name, db_url, dialect, tmp_path):  # n
 # -- a guarded transaction keeps every competitor out ------------------------------------------
 
 
-def test_guarded_transaction_outlives_a_closing_holder(engine, make_flag, flag_name, writes):
+def test_guarded_transaction_outlives_a_closing_holder(
+    engine, make_flag, flag_name, writes, dialect
+):
     """The holder guards, then closes (releasing, or trying to) while the guarded transaction
     is still open: no competitor raises the flag until it commits; then one takes over, and
-    its guarded write comes after the first one."""
+    its guarded write comes after the first one. On PostgreSQL the release itself goes
+    through (it keeps the token); the competitor's take is what waits."""
     holder = make_flag("a")
     assert holder.wait_raised(10)
     old = holder.token
@@ -189,6 +192,9 @@ def test_guarded_transaction_outlives_a_closing_holder(engine, make_flag, flag_n
         conn.begin()
         holder.guard(conn)
         holder.close()
+        if dialect == "postgresql":
+            [state] = sqlflag.inspect(engine, flag_name)
+            assert (state.holder, state.token, state.raised) == ("a", old, False)
         assert _stays_lowered(competitor, 3 * INTERVAL)
         _write(conn, writes, old, "a")
         conn.commit()
