@@ -330,10 +330,16 @@ class Harness:
     def holder_slot(self) -> Slot | None:
         """The slot whose process holds the lease by the database (None if free/unknown)."""
         assert self.direct is not None
-        try:
-            states = sqlflag.inspect(self.direct, flag_names(self.name, self.cfg.flags)[0])
-        except Exception:
-            return None
+        states: list[sqlflag.FlagState] = []
+        for attempt in range(3):  # a busy server may refuse a connection now and then
+            try:
+                states = sqlflag.inspect(self.direct, flag_names(self.name, self.cfg.flags)[0])
+                break
+            except Exception:
+                if attempt == 2:
+                    self.counts["holder_unknown"] += 1
+                    return None
+                time.sleep(0.1)
         for st in states:
             if st.raised:
                 for slot in self.slots:
