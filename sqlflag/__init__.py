@@ -4,7 +4,8 @@ from . import alembic
 from ._async import AsyncFlag
 from ._builder import FlagBuilder, new_flag
 from ._core import Health
-from ._errors import ConfigurationError, SchemaError, SqlflagError
+from ._errors import ConfigurationError, NotLeaderError, SchemaError, SqlflagError
+from ._guard import guard, guard_async
 from ._inspect import FlagState, inspect, inspect_async
 from ._migrate import migrations_path
 from ._schema import metadata, table
@@ -17,9 +18,12 @@ __all__ = [
     "FlagBuilder",
     "FlagState",
     "Health",
+    "NotLeaderError",
     "SchemaError",
     "SqlflagError",
     "alembic",
+    "guard",
+    "guard_async",
     "inspect",
     "inspect_async",
     "metadata",

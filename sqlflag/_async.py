@@ -12,9 +12,9 @@ from collections.abc import Awaitable, Callable
 from types import TracebackType
 from typing import Any, ClassVar
 
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
-from . import _batch, _fork
+from . import _batch, _fork, _guard
 from ._clock import monotonic
 from ._core import FlagCore, Report, Step, Transition
 from ._dialects import Database
@@ -400,6 +400,22 @@ class AsyncFlag(FlagBase):
         self._core.metrics.close()
         if sched.release_user():
             await sched.stopped(2 * sched.timeout + 1)
+
+    async def guard(self, connection: AsyncConnection | AsyncSession) -> None:
+        """Check, in ``connection``'s open transaction and by the database clock, that this
+        process's current tenure still holds its lease; once it passes, no other process can
+        acquire the flag until that transaction ends (see docs/guard.md).
+
+        Args:
+            connection: an ``AsyncConnection`` inside a transaction, or an
+                ``AsyncSession``, on the flag's database.
+
+        Raises:
+            sqlflag.NotLeaderError: lowered or closed here, or the lease is not this
+                tenure's any more (expired, released, taken over).
+        """
+        sched = self._scheduler
+        await _guard.guard_flag_async(connection, self, sched.engine.url, sched.schema)
 
     async def __aenter__(self) -> AsyncFlag:
         return self

@@ -13,3 +13,20 @@ class ConfigurationError(SqlflagError, ValueError):
 
 class SchemaError(SqlflagError):
     """The leadership table is missing or lacks the columns sqlflag needs."""
+
+
+class NotLeaderError(SqlflagError):
+    """A guard found that this tenure (flag name, holder, fencing token) no longer holds an
+    unexpired lease by the database clock, or that the flag is lowered or closed locally.
+
+    Attributes: ``name`` (the flag), ``token`` (the tenure's token; None when the flag was
+    lowered locally), ``holder`` (the process the guard checked for; None when any).
+    """
+
+    def __init__(
+        self, message: str, name: str, token: int | None = None, holder: str | None = None
+    ) -> None:
+        super().__init__(message)
+        self.name = name
+        self.token = token
+        self.holder = holder

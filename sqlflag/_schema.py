@@ -8,6 +8,8 @@ import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 
 TABLE_NAME = "leadership_flags"
+#: The unique index over ``(name, token)`` that :func:`sqlflag.guard` relies on (PostgreSQL).
+GUARD_INDEX = "ix_leadership_flags_name_token"
 
 #: Times carry microseconds on PostgreSQL and MySQL/MariaDB; on SQLite they are SQLAlchemy's
 #: own text format, filled to the millisecond (SQLite's clock stops there).
@@ -67,6 +69,10 @@ table = sa.Table(
     sa.Column("acquired_at", Timestamp, nullable=True, comment="Database time the tenure began."),
     sa.Column("renewed_at", Timestamp, nullable=True, comment="Database time of the last renewal."),
     sa.Column("expires_at", Timestamp, nullable=False, comment="Database time the lease ends."),
+    #: Makes ``token`` a key column: on PostgreSQL an UPDATE that changes it (a new tenure)
+    #: then needs a lock that conflicts with the guard's ``FOR KEY SHARE``, while renewals and
+    #: releases (which keep the token) do not. Added by the third packaged revision.
+    sa.Index(GUARD_INDEX, "name", "token", unique=True),
     comment="sqlflag leadership leases, one row per flag name.",
 )
 

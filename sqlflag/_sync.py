@@ -17,8 +17,9 @@ from types import TracebackType
 from typing import Any, ClassVar
 
 import sqlalchemy as sa
+from sqlalchemy.orm import Session
 
-from . import _batch, _fork
+from . import _batch, _fork, _guard
 from ._clock import monotonic
 from ._core import FlagCore, Report, Step, Transition
 from ._dialects import Database
@@ -443,6 +444,21 @@ class Flag(FlagBase):
         sched.release_user()
         if threading.current_thread() is not sched.notifier.thread:
             self._closed.wait(2 * sched.timeout + 1)  # callbacks queued so far have run
+
+    def guard(self, connection: sa.Connection | Session) -> None:
+        """Check, in ``connection``'s open transaction and by the database clock, that this
+        process's current tenure still holds its lease; once it passes, no other process can
+        acquire the flag until that transaction ends (see docs/guard.md).
+
+        Args:
+            connection: a ``Connection`` inside a transaction, or a ``Session``, on the
+                flag's database; the writes it guards go in that transaction.
+
+        Raises:
+            sqlflag.NotLeaderError: lowered or closed here, or the lease is not this
+                tenure's any more (expired, released, taken over).
+        """
+        _guard.guard_flag(connection, self, self._scheduler.engine.url, self._scheduler.schema)
 
     def __enter__(self) -> Flag:
         return self

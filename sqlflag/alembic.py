@@ -19,12 +19,15 @@ was created by an older sqlflag calls the upgrades it has not run yet from a new
 
 * sqlflag 0.1, the table: :func:`create_table` / :func:`drop_table`;
 * sqlflag 0.2, names compared exactly on MySQL/MariaDB: :func:`exact_names` /
-  :func:`undo_exact_names`.
+  :func:`undo_exact_names`;
+* sqlflag 0.2 also, the unique index over ``(name, token)`` that the guard needs on
+  PostgreSQL (:func:`sqlflag.guard`, ``flag.guard()``): :func:`guard_index` /
+  :func:`undo_guard_index`.
 
 sqlflag's own packaged revisions (``sqlflag migrate``, ``alembic`` from a checkout) are made
 of the same code: the first creates the 0.1 table with the column list of
-:func:`create_table`, the next one calls :func:`exact_names`, so both ways build the same
-table (the test suite compares both with ``sqlflag.metadata``).
+:func:`create_table`, the next one calls :func:`exact_names`, the third :func:`guard_index`,
+so both ways build the same table (the test suite compares both with ``sqlflag.metadata``).
 
 Each helper takes ``op`` (the ``alembic.op`` proxy, or an
 :class:`alembic.operations.Operations`) and the table's ``schema`` (None: the connection's
@@ -38,9 +41,16 @@ from typing import Any
 import sqlalchemy as sa
 from sqlalchemy.dialects import mysql
 
-from ._schema import TABLE_NAME, Timestamp, exact_collation
+from ._schema import GUARD_INDEX, TABLE_NAME, Timestamp, exact_collation
 
-__all__ = ["create_table", "drop_table", "exact_names", "undo_exact_names"]
+__all__ = [
+    "create_table",
+    "drop_table",
+    "exact_names",
+    "guard_index",
+    "undo_exact_names",
+    "undo_guard_index",
+]
 
 #: Columns whose text compares exactly since sqlflag 0.2, with their nullability and comment.
 _NAME_COLUMNS = (
@@ -103,6 +113,7 @@ def create_table(op: Any, schema: str | None = None) -> None:
         schema: the schema (MySQL/MariaDB: database) to create it in; None for the default.
     """
     _create(op, schema, exact=True)
+    guard_index(op, schema)
 
 
 def _create_original_table(op: Any, schema: str | None = None) -> None:
@@ -174,3 +185,34 @@ def undo_exact_names(op: Any, schema: str | None = None) -> None:
         schema: the schema the table is in; None for the default.
     """
     _alter_names(op, schema, exact=False)
+
+
+def guard_index(op: Any, schema: str | None = None) -> None:
+    """Add the unique index over ``(name, token)``: sqlflag 0.2's second schema change.
+
+    The guard (``flag.guard(connection)``, :func:`sqlflag.guard`) locks the flag's row with
+    ``FOR KEY SHARE`` on PostgreSQL; with ``token`` in a unique index, only a change of token
+    (a new tenure) conflicts with that lock, while renewals and releases go on. Without the
+    index the guard refuses to run on PostgreSQL (:class:`sqlflag.SchemaError`); flags work
+    either way. On MySQL/MariaDB and SQLite the guard does not need it; it is created there
+    too, so the table is the same everywhere. Call it from a new revision if your table was
+    created by an older sqlflag, or by a ``create_table`` of before the guard (today's
+    ``create_table`` already does this). Rows are kept: tokens
+    never repeat within a flag.
+
+    Args:
+        op: Alembic's ``op`` of the running revision.
+        schema: the schema the table is in; None for the default.
+    """
+    op.create_index(GUARD_INDEX, TABLE_NAME, ["name", "token"], unique=True, schema=schema)
+
+
+def undo_guard_index(op: Any, schema: str | None = None) -> None:
+    """The downgrade of :func:`guard_index`: drop the index (the guard then refuses to run
+    on PostgreSQL).
+
+    Args:
+        op: Alembic's ``op`` of the running revision.
+        schema: the schema the table is in; None for the default.
+    """
+    op.drop_index(GUARD_INDEX, table_name=TABLE_NAME, schema=schema)

@@ -6,8 +6,10 @@
 (a new, larger one on every raise; ``None`` while lowered), ``name``, ``process``, ``closed``,
 ``wait_raised``/``wait_lowered``, ``close()`` (idempotent; lowers, firing ``on_lowered``),
 context managers, and callbacks that receive the flag (an exception in one is logged, never
-raised). Callbacks run inside ``raise_()``/``lower()``, before they return, so a test needs no
-waiting; ``wait_*`` on a closed flag raise :class:`sqlflag.SqlflagError`.
+raised). ``guard(connection)`` touches no database: it passes while raised and raises
+:class:`sqlflag.NotLeaderError` while lowered or closed. Callbacks run inside
+``raise_()``/``lower()``, before they return, so a test needs no waiting; ``wait_*`` on a
+closed flag raise :class:`sqlflag.SqlflagError`.
 
 A pytest example::
 
@@ -54,6 +56,7 @@ from ._builder import _text
 from ._clock import monotonic
 from ._core import Health
 from ._errors import SqlflagError
+from ._guard import local_token
 from ._sync import Flag
 
 __all__ = ["ManualAsyncFlag", "ManualFlag"]
@@ -263,6 +266,11 @@ class ManualFlag(_ManualView, Flag):
         if changed:
             self._run(self._on_lowered)
 
+    def guard(self, connection: Any) -> None:
+        """No database: passes while raised, raises :class:`sqlflag.NotLeaderError` while
+        lowered or closed (``connection`` is not used)."""
+        local_token(self)
+
     def __enter__(self) -> ManualFlag:
         return self
 
@@ -367,6 +375,11 @@ class ManualAsyncFlag(_ManualView, AsyncFlag):
         self._signal()
         if changed:
             await self._run(self._on_lowered)
+
+    async def guard(self, connection: Any) -> None:
+        """No database: passes while raised, raises :class:`sqlflag.NotLeaderError` while
+        lowered or closed (``connection`` is not used)."""
+        local_token(self)
 
     async def __aenter__(self) -> ManualAsyncFlag:
         return self

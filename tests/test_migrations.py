@@ -63,6 +63,8 @@ TABLE = sqlflag.table.name
 #: sqlflag's packaged revisions: the table as 0.1 created it, then names compared exactly.
 FIRST = "d874e3c35f94"
 EXACT_NAMES = "42da5d2d2958"
+#: ... then the unique index over (name, token) that the guard needs.
+GUARD_INDEX = "4361bc1afac1"
 VERSION_TABLE = _migrate.VERSION_TABLE
 SUBPROCESS_TIMEOUT = 180
 
@@ -309,14 +311,14 @@ def test_exact_names_revision_on_a_table_with_rows(url: str) -> None:
     with pytest.raises(sa.exc.IntegrityError):  # what 0.1 did: one flag for both
         _insert(url, TWINS[0])
 
-    _migrate.upgrade(url)
+    _migrate.upgrade(url, EXACT_NAMES)
     assert _migrate.current(url) == (EXACT_NAMES,)
     assert _rows(url) == ORIGINAL_ROWS
     assert _mysql_columns(url) == {
         "name": ("utf8mb4_nopad_bin", "Flag name."),
         "holder": ("utf8mb4_nopad_bin", "Process holding (or last holding) the lease."),
     }
-    assert _schema_diff(url, sqlflag.metadata) == []
+    assert [d[0] for d in _schema_diff(url, sqlflag.metadata)] == ["add_index"]
     _insert(url, *TWINS)
     assert sorted(_rows(url)) == sorted(ORIGINAL_ROWS + TWINS)
 
@@ -355,6 +357,27 @@ def test_exact_names_revision_elsewhere_keeps_rows(url: str) -> None:
     _assert_migrated(url)
 
 
+def _indexes(url: str) -> set[str]:
+    with _connect(url) as connection:
+        return {i["name"] for i in sa.inspect(connection).get_indexes(TABLE) if i["name"]}
+
+
+def test_guard_index_revision(url: str) -> None:
+    """The guard's revision adds the unique index over (name, token) to a table holding rows,
+    and its downgrade drops it again; the rows stay."""
+    _migrate.upgrade(url, EXACT_NAMES)
+    _insert(url, *ORIGINAL_ROWS)
+    assert sqlflag.alembic.GUARD_INDEX not in _indexes(url)
+    _migrate.upgrade(url)
+    assert _migrate.current(url) == (GUARD_INDEX,)
+    assert sqlflag.alembic.GUARD_INDEX in _indexes(url)
+    _assert_migrated(url)
+    _migrate.downgrade(url, "-1")
+    assert _migrate.current(url) == (EXACT_NAMES,)
+    assert sqlflag.alembic.GUARD_INDEX not in _indexes(url)
+    assert _rows(url) == ORIGINAL_ROWS
+
+
 def test_async_driver_urls(kind: str, url: str) -> None:
     async_url = sa.make_url(url).set(drivername=ASYNC_DRIVERS[kind])
     _migrate.upgrade(async_url)
@@ -372,8 +395,8 @@ def test_migrations_path() -> None:
     config = _migrate.alembic_config("sqlite:///x.db")
     scripts = ScriptDirectory.from_config(config)
     assert scripts.get_current_head() == _head()
-    # One linear branch, labelled "sqlflag" at its base: FIRST, then EXACT_NAMES (head).
-    assert [s.revision for s in scripts.walk_revisions()] == [EXACT_NAMES, FIRST]
+    # One linear branch, labelled "sqlflag" at its base: FIRST, EXACT_NAMES, GUARD_INDEX (head).
+    assert [s.revision for s in scripts.walk_revisions()] == [GUARD_INDEX, EXACT_NAMES, FIRST]
     base = scripts.get_revision(FIRST)
     assert base is not None and base.down_revision is None
     assert base.branch_labels == {"sqlflag"}

@@ -201,3 +201,25 @@ def test_manual_flags_report_health() -> None:
     assert not flag.health.healthy and flag.health.closed
     aflag = ManualAsyncFlag(name="h2", raised=True)
     assert aflag.health.raised and aflag.health.token == 1
+
+
+def test_manual_flags_guard_by_their_own_state():
+    """``guard()`` of a manual flag touches no database: it passes while raised and raises
+    NotLeaderError while lowered or closed."""
+    flag = ManualFlag(name="jobs")
+    with pytest.raises(sqlflag.NotLeaderError, match="is lowered"):
+        flag.guard(None)
+    flag.raise_()
+    flag.guard(None)
+    flag.close()
+    with pytest.raises(sqlflag.NotLeaderError, match="is closed"):
+        flag.guard(None)
+
+    async def main() -> None:
+        async with ManualAsyncFlag(name="jobs", raised=True) as aflag:
+            await aflag.guard(None)
+            await aflag.lower()
+            with pytest.raises(sqlflag.NotLeaderError, match="is lowered"):
+                await aflag.guard(None)
+
+    asyncio.run(main())

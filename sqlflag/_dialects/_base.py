@@ -93,6 +93,8 @@ class Database(abc.ABC):
         self.ensure_row = self.build_ensure_row()
         self.read_row = self.build_inspect().where(t.c.name == sa.bindparam("p_name"))
         self.inspect_all = self.build_inspect().order_by(t.c.name)
+        self.guard = self.build_guard(by_holder=True)
+        self.guard_any_holder = self.build_guard(by_holder=False)
 
     # -- clock ------------------------------------------------------------------------------
 
@@ -181,6 +183,36 @@ class Database(abc.ABC):
     def renewed(self, result: CursorResult[Any], asked: int) -> set[str] | None:
         """Names renewed by :attr:`renew_many`; None when the dialect cannot tell which."""
         return {row[0] for row in result}
+
+    # -- the guard (sqlflag.guard, flag.guard) ----------------------------------------------
+
+    def guard_where(self, by_holder: bool) -> list[sa.ColumnElement[bool]]:
+        """The tenure ``(p_name, p_process, p_token)`` holds an unexpired lease now; with
+        ``by_holder`` False any holder with that token (a job handed only the token)."""
+        holder = (
+            t.c.holder == sa.bindparam("p_process") if by_holder else t.c.holder.is_not(None)
+        )
+        return [
+            t.c.name == sa.bindparam("p_name"),
+            holder,
+            t.c.token == sa.bindparam("p_token"),
+            t.c.expires_at > self.now(),
+        ]
+
+    @abc.abstractmethod
+    def build_guard(self, by_holder: bool) -> sa.Executable:
+        """The guard's statement, run in the application's transaction: it finds the row
+        only while :meth:`guard_where` holds, and then locks it until that transaction ends
+        so that no new tenure (a change of ``token``) can begin meanwhile."""
+
+    def parse_guard(self, result: CursorResult[Any]) -> bool:
+        """True when the guard found (and locked) the tenure's row."""
+        return result.first() is not None
+
+    def guard_ready(self, dialect: sa.Dialect, schema: str | None) -> sa.Executable | None:
+        """A query that returns a row when the table supports the guard (None: always);
+        checked once per engine and schema."""
+        return None
 
     @abc.abstractmethod
     def build_ensure_row(self) -> sa.Executable:

@@ -79,6 +79,11 @@ class MySQL(Database):
             raise InvalidRow(f"lost the lease but the server reported {value!r}")
         return Outcome(won=False, lease_left=(value - OFFSET) / 1_000_000)
 
+    def build_guard(self, by_holder: bool) -> sa.Executable:
+        # LOCK IN SHARE MODE: a shared lock on the row, which every UPDATE of it waits for,
+        # renewals and releases included (they wait up to the flag's timeout, then retry).
+        return sa.select(t.c.token).where(*self.guard_where(by_holder)).with_for_update(read=True)
+
     def build_renew_many(self) -> sa.Executable:
         return self.renew_many_update()
 

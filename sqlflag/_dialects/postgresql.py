@@ -132,6 +132,29 @@ class PostgreSQL(Database):
             holder_token=None if token is None else as_token(token),
         )
 
+    def build_guard(self, by_holder: bool) -> sa.Executable:
+        # FOR KEY SHARE conflicts only with FOR UPDATE, which an UPDATE takes when it changes
+        # a column of a unique index (the token, in ix_leadership_flags_name_token: a new
+        # tenure or a carry-over) or deletes the row. Renewals and releases keep the token,
+        # take FOR NO KEY UPDATE and go on while guarded transactions are open.
+        return (
+            sa.select(t.c.token)
+            .where(*self.guard_where(by_holder))
+            .with_for_update(read=True, key_share=True)
+        )
+
+    def guard_ready(self, dialect: sa.Dialect, schema: str | None) -> sa.Executable | None:
+        # Without a unique, non-partial, immediate index over plain columns that covers
+        # ``token``, a new tenure would not conflict with FOR KEY SHARE.
+        quote = dialect.identifier_preparer.quote
+        table = quote(t.name) if schema is None else f"{quote(schema)}.{quote(t.name)}"
+        return sa.text(
+            "SELECT 1 FROM pg_index i JOIN pg_attribute a ON a.attrelid = i.indrelid "
+            "AND a.attnum = ANY(i.indkey) WHERE i.indrelid = to_regclass(:p_table) "
+            "AND i.indisunique AND i.indimmediate AND i.indpred IS NULL "
+            "AND i.indexprs IS NULL AND a.attname = 'token' LIMIT 1"
+        ).bindparams(p_table=table)
+
     def build_renew_many(self) -> sa.Executable:
         # Three array parameters instead of an expanding IN of 3 x N scalars: the statement
         # text is the same for any N, so neither SQLAlchemy nor the driver re-renders it.

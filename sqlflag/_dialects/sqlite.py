@@ -76,6 +76,17 @@ class SQLite(Database):
             return Outcome(won=False, lease_left=as_seconds(left))
         return Outcome(won=True, token=as_token(row[0]))
 
+    def build_guard(self, by_holder: bool) -> sa.Executable:
+        # A read does not stop a writer (WAL): the guard writes the row unchanged, which
+        # takes the database's write lock until the transaction ends. Every other write
+        # waits for it (busy_timeout), the holder's renewals too.
+        return (
+            sa.update(t)
+            .where(*self.guard_where(by_holder))
+            .values(token=t.c.token)
+            .returning(t.c.token)
+        )
+
     def configure_dbapi(self, dbapi_connection: Any, timeout: float) -> None:
         key = id(dbapi_connection)
 

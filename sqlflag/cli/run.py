@@ -343,7 +343,10 @@ SIGKILL), the command's process group is killed too.
 
 When the flag is lowered (lease lost: database unreachable, process frozen), the command gets
 SIGTERM and, after --grace, SIGKILL. A new leader may start its copy before that grace ends:
-use SQLFLAG_TOKEN to fence writes.
+use SQLFLAG_TOKEN to fence writes. Writes to the flag's own database can be guarded instead:
+call sqlflag.guard(conn, name=$SQLFLAG_NAME, token=$SQLFLAG_TOKEN) first in their
+transaction; it raises sqlflag.NotLeaderError once this tenure has ended, and keeps the next
+one from starting until that transaction commits (docs/guard.md).
 
 --restart decides what happens when the command exits while the flag is still raised:
   never       (default) release the flag and exit with the command's exit code

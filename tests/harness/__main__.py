@@ -43,6 +43,11 @@ def main(argv: list[str] | None = None) -> int:
         "--listen", action="store_true",
         help="workers build with listen() (PostgreSQL LISTEN/NOTIFY wake-ups)",
     )
+    p.add_argument(
+        "--writes", choices=["guarded", "unguarded"], default=None,
+        help="the guarded-write workload: workers append rows while raised, in transactions "
+        "that call the guard first (guarded) or not (unguarded, the negative control)",
+    )
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--server-url", default=None, help="admin URL of the server")
     p.add_argument("--out", default=None, help="directory for records and report (kept)")
@@ -55,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         dialect=args.dialect, duration=args.duration, workers=args.workers,
         interval=args.interval, timeout=args.timeout, jitter=args.jitter, faults=faults,
         flags=args.flags, use_async=args.use_async, listen=args.listen,
-        gap=(lo, hi), max_server_restarts=args.server_restart, seed=args.seed,
+        writes=args.writes, gap=(lo, hi), max_server_restarts=args.server_restart, seed=args.seed,
         server_url=args.server_url, out_dir=args.out, keep=True,
     )
     result = run(cfg)

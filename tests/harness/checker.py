@@ -19,6 +19,10 @@ tokens, or after a token's last reading, nothing is assumed. It fails when:
 * ``stale_after_pause``: a worker frozen (SIGSTOP) for longer than a lease read its old token
   raised after waking (SPEC: the first read after waking must say lowered).
 
+With the guarded-write workload, :func:`check_writes` judges the rows the workers committed
+(``write_order``: a row of tenure N after the first row of a later tenure, in the order the
+database numbered them; ``write_shared``: one token written by two worker instances).
+
 It also reports tenures, availability (share of the window with a known-raised span),
 failover after SIGKILL and after SIGTERM of the holder (seconds and multiples of
 ``interval``), and fencing figures.
@@ -327,3 +331,48 @@ def merge(reports: dict[str, Report]) -> Report:
         fence_errors=first.fence_errors,
         extra={"flags": len(items)},
     )
+
+
+@dataclass
+class Writes:
+    violations: list[Violation]
+    figures: dict[str, Any]
+
+
+def check_writes(rows: list[tuple[int, int, str]], events: list[dict[str, Any]]) -> Writes:
+    """Judge the guarded writes, ``(seq, token, writer)`` in ``seq`` order (the database
+    numbers a row when it is inserted, and each transaction inserts its row just before its
+    COMMIT). A row whose token is smaller than that of a row before it was
+    written by a tenure that had already ended: the next one had begun and written."""
+    violations: list[Violation] = []
+    writers: dict[int, set[str]] = defaultdict(set)
+    top_token, top_seq = -1, -1
+    late = 0
+    for seq, token, writer in rows:
+        writers[token].add(writer)
+        if token < top_token:
+            late += 1
+            if late <= 20:
+                violations.append(Violation(
+                    "write_order",
+                    f"row {seq} of token {token} ({writer}) committed after row {top_seq} "
+                    f"of the later token {top_token}",
+                ))
+        elif token > top_token:
+            top_token, top_seq = token, seq
+    if late > 20:
+        violations.append(Violation("write_order", f"... {late} late rows in all"))
+    for token, names in sorted(writers.items()):
+        if len(names) > 1:
+            violations.append(
+                Violation("write_shared", f"token {token} written by {sorted(names)}")
+            )
+    summaries = [e for e in events if e.get("kind") == "writes"]
+    return Writes(violations, {
+        "write_rows": len(rows),
+        "write_tenures": len(writers),
+        "late_write_rows": late,
+        "write_transactions": sum(e.get("committed", 0) for e in summaries),
+        "guard_refused": sum(e.get("refused", 0) for e in summaries),
+        "write_errors": sum(e.get("write_errors", 0) for e in summaries),
+    })

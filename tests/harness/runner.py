@@ -90,6 +90,9 @@ class Config:
     #: break the library on purpose in the workers ("lease" or "wallclock"): the checker
     #: must then report violations (a harness that cannot fail proves nothing)
     sabotage: str | None = None
+    #: the guarded-write workload: "guarded" (each transaction calls the guard first) or
+    #: "unguarded" (the negative control, which must show write_order violations); None: off
+    writes: str | None = None
     out_dir: str | None = None
     keep: bool = False
     log: Callable[[str], None] = field(default=lambda msg: print(msg, flush=True), repr=False)
@@ -184,6 +187,7 @@ class Harness:
             fence = sa.create_engine(self.fence_url, poolclass=sa.NullPool)
             self._create_fence(fence)
             fence.dispose()
+            self._create_writes(self.direct)
             try:
                 yield
             finally:
@@ -201,6 +205,7 @@ class Harness:
             _migrate.upgrade(self.fence_url)
             self.direct = sa.create_engine(self.url, poolclass=sa.NullPool)
             self._create_fence(self.direct)
+            self._create_writes(self.direct)
             yield
         finally:
             if self.direct is not None:
@@ -233,6 +238,29 @@ class Harness:
                     {"n": name},
                 )
 
+    def _create_writes(self, engine: sa.Engine) -> None:
+        """The guarded writes' table, in the flag's database: ``seq`` numbers rows in the
+        order they were inserted (a sequence, AUTO_INCREMENT, AUTOINCREMENT)."""
+        seq = {
+            "postgresql": "seq BIGSERIAL PRIMARY KEY",
+            "mariadb": "seq BIGINT AUTO_INCREMENT PRIMARY KEY",
+            "sqlite": "seq INTEGER PRIMARY KEY AUTOINCREMENT",
+        }[self.cfg.dialect]
+        with engine.begin() as conn:
+            conn.exec_driver_sql(
+                f"CREATE TABLE harness_writes ({seq}, token BIGINT NOT NULL, "
+                "writer VARCHAR(255) NOT NULL)"
+            )
+
+    def write_rows(self) -> list[tuple[int, int, str]]:
+        """Every committed guarded write, ``(seq, token, writer)`` in ``seq`` order."""
+        assert self.direct is not None
+        with self.direct.connect() as conn:
+            rows = conn.execute(
+                sa.text("SELECT seq, token, writer FROM harness_writes ORDER BY seq")
+            )
+            return [(int(a), int(b), str(c)) for a, b, c in rows]
+
     # -- workers ----------------------------------------------------------------------------
 
     def start_worker(self, slot: Slot) -> None:
@@ -260,6 +288,13 @@ class Harness:
             "fence_every": cfg.fence_every,
             "fence_work": cfg.fence_work,
             "sabotage": cfg.sabotage,
+            "writes": cfg.writes,
+            # straight to the flag's database (the fence's URL is that database, except on
+            # SQLite, where the fence has a file of its own)
+            "writes_url": (
+                self.url.render_as_string(hide_password=False)
+                if cfg.dialect == "sqlite" else self.fence_url
+            ),
             "flags": cfg.flags,
             "async": cfg.use_async,
             "listen": cfg.listen,
@@ -295,10 +330,16 @@ class Harness:
     def holder_slot(self) -> Slot | None:
         """The slot whose process holds the lease by the database (None if free/unknown)."""
         assert self.direct is not None
-        try:
-            states = sqlflag.inspect(self.direct, flag_names(self.name, self.cfg.flags)[0])
-        except Exception:
-            return None
+        states: list[sqlflag.FlagState] = []
+        for attempt in range(3):  # a busy server may refuse a connection now and then
+            try:
+                states = sqlflag.inspect(self.direct, flag_names(self.name, self.cfg.flags)[0])
+                break
+            except Exception:
+                if attempt == 2:
+                    self.counts["holder_unknown"] += 1
+                    return None
+                time.sleep(0.1)
         for st in states:
             if st.raised:
                 for slot in self.slots:
@@ -600,6 +641,7 @@ class Harness:
                 self.stop_workers()
                 tokens_after = self.db_token()
                 fence_writes = self.fence_writes()
+                rows = self.write_rows() if cfg.writes else []
             finally:
                 self.kill_all(proxies)
         self.collect_anomalies()
@@ -610,6 +652,10 @@ class Harness:
             )
             for k, name in enumerate(names)
         })
+        if cfg.writes:
+            written = checker.check_writes(rows, checker.load(self.files).events)
+            report.violations += written.violations
+            report.extra.update(written.figures)
         result = Result(
             report=report,
             faults=self.counts,

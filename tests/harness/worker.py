@@ -11,6 +11,14 @@ file (one ``os.write`` per line, so a SIGKILL loses nothing already written):
 * ``E <json>`` for events: start, raised/lowered callbacks, fence rejections, clock jumps,
   closing, and a final summary.
 
+With ``writes`` set (the guarded-write workload), a writer thread also appends rows
+``(token, writer)`` to ``harness_writes`` in the flag's database while the first flag is
+raised, one per transaction, after a pause (sometimes longer than the lease) between the start
+of the transaction and the insert. ``guarded`` calls the guard first in each transaction
+(``flag.guard(conn)`` for sync workers, ``sqlflag.guard(conn, name=, token=, holder=)`` for
+async ones); ``unguarded`` does not (the negative control). The database numbers the rows
+(``seq``) in the order they were inserted.
+
 Signals: SIGTERM closes the flag gracefully (releasing the lease) and exits 0; SIGUSR1 makes
 the wall clock jump (``time.time`` and ``time.time_ns`` get a random offset of minutes to
 hours either way; sqlflag must not care, it uses the database clock and CLOCK_BOOTTIME).
@@ -19,6 +27,7 @@ A worker whose parent dies is killed by the kernel (PR_SET_PDEATHSIG).
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import json
 import logging
@@ -271,6 +280,8 @@ def run_sync(
 
     fence = Fence(cfg, rec, flags, stop)
     fence.thread.start()
+    writer = Writer(cfg, rec, flags[0], stop, own_guard=True)
+    writer.start()
     poll = cfg["poll"]
     readings = 0
     while not stop.is_set():
@@ -282,6 +293,7 @@ def run_sync(
         flag.close()
     rec.event("closed", took=now() - started)
     fence.thread.join(5)
+    writer.join()
     fence.summary(readings)
     engine.dispose()
     return 0
@@ -319,6 +331,9 @@ async def run_async(
 
     fence = Fence(cfg, rec, flags, stop)
     fence.thread.start()
+    # The AsyncFlag belongs to this loop: the writer thread guards by name and token.
+    writer = Writer(cfg, rec, flags[0], stop, own_guard=False)
+    writer.start()
     poll = cfg["poll"]
     readings = 0
     while not stop.is_set():
@@ -330,6 +345,7 @@ async def run_async(
         await flag.close()
     rec.event("closed", took=now() - started)
     fence.thread.join(5)
+    writer.join()
     fence.summary(readings)
     await engine.dispose()
     return 0
@@ -413,6 +429,100 @@ class Fence:
                 self.rec.event("fence_rejected", flag=flag.name, token=token)
         if conn is not None:
             conn.close()
+        engine.dispose()
+
+
+class Writer:
+    """The guarded-write workload (``cfg["writes"]``): while ``flag`` is raised, transactions
+    of one insert into ``harness_writes`` after a pause; ``guarded`` calls the guard first, so
+    the pause lies between the guard and the COMMIT. Its own connection, straight to the
+    flag's database. (The pause comes before the insert: on SQLite an insert takes the write
+    lock, which would keep the next tenure out even without the guard.)"""
+
+    #: (share, lowest, highest) of the pause before the insert, in intervals
+    PAUSES = ((0.5, 0.0, 0.1), (0.3, 0.2, 0.6), (0.2, 1.1, 2.0))
+
+    def __init__(
+        self, cfg: dict[str, Any], rec: Recorder, flag: Any, stop: threading.Event,
+        own_guard: bool,
+    ) -> None:
+        self.cfg = cfg
+        self.rec = rec
+        self.flag = flag
+        self.stop = stop
+        self.own_guard = own_guard  # flag.guard(conn); else sqlflag.guard(name=, token=)
+        self.mode = cfg.get("writes")
+        self.committed = self.refused = self.errors = 0
+        self.thread = threading.Thread(target=self.run, name="writer", daemon=True)
+
+    def start(self) -> None:
+        if self.mode:
+            self.thread.start()
+
+    def join(self) -> None:
+        if self.mode:
+            self.thread.join(5)
+            self.rec.event("writes", committed=self.committed, refused=self.refused,
+                           write_errors=self.errors)
+
+    def pause(self, rng: random.Random) -> float:
+        x = rng.random()
+        for share, lo, hi in self.PAUSES:
+            if x < share:
+                return rng.uniform(lo, hi) * self.cfg["interval"]
+            x -= share
+        return 0.0
+
+    def run(self) -> None:
+        import sqlflag
+
+        url = sa.make_url(self.cfg["writes_url"])
+        engine = sa.create_engine(url, connect_args=connect_args(url, 2), poolclass=sa.NullPool)
+        insert = sa.text("INSERT INTO harness_writes (token, writer) VALUES (:t, :w)")
+        who = {"w": self.cfg["instance"]}
+        rng = random.Random()
+        conn: sa.Connection | None = None
+        while not self.stop.is_set():
+            token = self.flag.token
+            if token is None:
+                time.sleep(0.005)
+                continue
+            try:
+                if conn is None:
+                    conn = engine.connect()
+                    if url.get_backend_name() == "postgresql":
+                        conn.exec_driver_sql("SET statement_timeout = 5000")
+                    elif url.get_backend_name() == "sqlite":
+                        conn.exec_driver_sql("PRAGMA busy_timeout = 5000")
+                    conn.commit()
+                conn.begin()
+                if self.mode == "guarded":
+                    if self.own_guard:
+                        self.flag.guard(conn)
+                    else:
+                        sqlflag.guard(conn, name=self.flag.name, token=token,
+                                      holder=self.cfg["process"])
+                time.sleep(self.pause(rng))  # a freeze here is what the guard is for
+                conn.execute(insert, {"t": token, **who})
+                conn.commit()
+                self.committed += 1
+            except sqlflag.NotLeaderError:
+                assert conn is not None
+                conn.rollback()
+                self.refused += 1
+            except Exception as exc:
+                self.errors += 1
+                if conn is not None:
+                    with contextlib.suppress(Exception):
+                        conn.invalidate()
+                        conn.close()
+                conn = None
+                if self.errors <= 20:
+                    self.rec.event("write_error", error=f"{type(exc).__name__}: {exc}"[:200])
+                time.sleep(0.05)
+        if conn is not None:
+            with contextlib.suppress(Exception):
+                conn.close()
         engine.dispose()
 
 

@@ -10,6 +10,7 @@ from typing import assert_type
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import create_async_engine
+from sqlalchemy.orm import Session
 
 import sqlflag
 from sqlflag.testing import ManualAsyncFlag, ManualFlag
@@ -52,6 +53,11 @@ def sync_user() -> None:
         token: int | None = flag.token
         ok: bool = flag.wait_raised(timeout=1.0)
         print(token, ok)
+        with engine.connect() as conn, conn.begin():
+            flag.guard(conn)
+            sqlflag.guard(conn, name="billing", token="7", holder="pod-1")
+        with Session(engine) as session, session.begin():
+            flag.guard(session)
 
 
 async def async_user() -> None:
@@ -71,6 +77,9 @@ async def async_user() -> None:
     async with flag:
         ok: bool = await flag.wait_raised(1.0)
         print(ok)
+        async with engine.connect() as conn, conn.begin():
+            await flag.guard(conn)
+            await sqlflag.guard_async(conn, name="billing", token=7)
 
 
 def code_under_test(flag: sqlflag.Flag) -> int | None:
