@@ -172,7 +172,9 @@ def markdown(results: dict[str, Any]) -> str:
     servers = "; ".join(f"{DB_LABELS[k]}: {v.split(',')[0]}" for k, v in meta["servers"].items())
     lines += [
         "",
-        f"Measured {meta['date']} on {meta['machine']} (load average "
+        f"Measured {meta['date']} on {meta['machine']}"
+        + (f" ({meta['cpu_model']})" if meta.get("cpu_model") else "")
+        + " (load average "
         f"{meta.get('load_before', 0):.1f} before, {meta.get('load_after', 0):.1f} after), "
         f"Python {meta['python']}; "
         f"sqlflag at {meta['sqlflag']}; {versions}; {servers}. "

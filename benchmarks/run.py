@@ -443,6 +443,15 @@ def versions() -> dict[str, str]:
     return found
 
 
+def cpu_model() -> str:
+    """The CPU's model name as the kernel reports it ("unknown" where /proc has none)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or "unknown"
+
+
 def export_sqlflag(ref: str, dest: Path) -> str:
     """Extract ``sqlflag/`` as of ``ref`` into ``dest`` (the repository is not touched)."""
     listed = subprocess.run(
@@ -607,6 +616,7 @@ def main(argv: list[str]) -> int:
             "versions": versions(),
             "python": platform.python_version(),
             "machine": f"{platform.machine()}, {os.cpu_count()} CPUs",
+            "cpu_model": cpu_model(),
             "sqlflag": sqlflag_state,
             "servers": {},
             "date": time.strftime("%Y-%m-%d %H:%M:%S %z"),

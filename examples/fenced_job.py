@@ -63,6 +63,7 @@ def setup(engine: sa.Engine) -> None:
     raise RuntimeError("could not set up the fenced_report tables")
 
 
+# --8<-- [start:write]
 def fenced_write(conn: sa.Connection, token: int, process: str, body: str) -> bool:
     """Write ``body`` unless a writer with a newer token already wrote; True if accepted."""
     result = conn.execute(
@@ -74,6 +75,7 @@ def fenced_write(conn: sa.Connection, token: int, process: str, body: str) -> bo
         return False
     conn.execute(sa.insert(history).values(token=token, written_by=process, body=body))
     return True
+# --8<-- [end:write]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -97,6 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         .timeout(min(1.0, args.interval / 4))
         .build()
     )
+    # --8<-- [start:loop]
     done = 0
     with flag:  # closing the flag releases the lease
         while args.jobs is None or done < args.jobs:
@@ -115,6 +118,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{args.process}: write with token {token} refused: a newer leader "
                       "has written since", flush=True)
             flag.wait_lowered(timeout=args.every)  # wait for the next run (or a lost lease)
+    # --8<-- [end:loop]
     engine.dispose()
     return 0
 

@@ -29,6 +29,7 @@ def on_starting(server: Any) -> None:
             os.remove(path)
 
 
+# --8<-- [start:hooks]
 def post_fork(server: Any, worker: Any) -> None:
     """In the new worker, before it serves: flags are built here, never at import."""
     import gunicorn_app
@@ -47,3 +48,4 @@ def child_exit(server: Any, worker: Any) -> None:
     """In the master, after any worker exited (however it died): drop its live gauges."""
     if MULTIPROC_DIR:
         multiprocess.mark_process_dead(worker.pid)
+# --8<-- [end:hooks]

@@ -59,6 +59,7 @@ class Worker:
     flag: sqlflag.Flag | None = None
 
 
+# --8<-- [start:worker]
 def start() -> None:
     """Called in each worker right after the fork (``post_fork``): a fresh connection pool,
     this worker's flag, and the thread that runs the job while the flag is raised."""
@@ -81,6 +82,7 @@ def stop() -> None:
     """Called as a worker exits gracefully (``worker_exit``): release the lease at once."""
     if Worker.flag is not None:
         Worker.flag.close()
+# --8<-- [end:worker]
 
 
 def job_loop(flag: sqlflag.Flag) -> None:
@@ -99,6 +101,7 @@ def job_loop(flag: sqlflag.Flag) -> None:
         time.sleep(JOB_EVERY)
 
 
+# --8<-- [start:metrics]
 def _exposition() -> Callable[..., Iterable[bytes]]:
     """The ``/metrics`` app. In multiprocess mode its registry holds only the collector that
     reads every process's files; the flags' own families stay on the default registry
@@ -108,6 +111,7 @@ def _exposition() -> Callable[..., Iterable[bytes]]:
     registry = CollectorRegistry()
     MultiProcessCollector(registry)
     return make_wsgi_app(registry)
+# --8<-- [end:metrics]
 
 
 metrics = _exposition()

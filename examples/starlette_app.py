@@ -67,6 +67,7 @@ async def leader_loop(app: Starlette, flag: sqlflag.AsyncFlag) -> None:
         await asyncio.sleep(JOB_EVERY)
 
 
+# --8<-- [start:lifespan]
 @contextlib.asynccontextmanager
 async def lifespan(app: Starlette) -> AsyncIterator[None]:
     engine = create_async_engine(DATABASE_URL)
@@ -89,6 +90,7 @@ async def lifespan(app: Starlette) -> AsyncIterator[None]:
             await job
         await flag.close()  # releases the lease: another instance takes over at once
         await engine.dispose()
+# --8<-- [end:lifespan]
 
 
 async def status(request: Request) -> JSONResponse:

@@ -133,48 +133,98 @@ class FlagBuilder(Generic[FlagT]):
     @overload
     def handle(self, value: AsyncEngine) -> FlagBuilder[AsyncFlag]: ...
     def handle(self, value: sa.Engine | AsyncEngine) -> FlagBuilder[Any]:
-        """The SQLAlchemy Engine (or AsyncEngine, for :meth:`build_async`). Mandatory."""
+        """The database to elect on. Mandatory.
+
+        Args:
+            value: a SQLAlchemy ``Engine`` (then call :meth:`build`, which returns a
+                :class:`sqlflag.Flag`) or ``AsyncEngine`` (then :meth:`build_async`, an
+                :class:`sqlflag.AsyncFlag`). sqlflag takes one long-lived connection of its
+                own from the engine's pool per engine and never returns it.
+        """
         self._handle = value
         return self
 
     def name(self, value: str) -> Self:
-        """The flag's name, shared by every process that competes for it. Mandatory."""
+        """The flag's name, shared by every process that competes for it. Mandatory.
+
+        Args:
+            value: 1 to 255 characters, compared exactly on every database (``Billing`` and
+                ``billing`` are two flags).
+        """
         self._name = value
         return self
 
     def process(self, value: str) -> Self:
-        """This process's name, unique among the competitors (e.g. the pod name). Mandatory."""
+        """This process's name, unique among the competitors. Mandatory.
+
+        Args:
+            value: 1 to 255 characters: the pod name, ``host:pid``. Two live flags with the
+                same name and process are still never both raised (a renewal must match the
+                tenure's token); a warning names the duplicate.
+        """
         self._process = value
         return self
 
     def interval(self, value: Duration) -> Self:
-        """Lease length, in seconds or as a timedelta (default 30 s)."""
+        """The lease length: how long a crashed holder keeps the flag at most.
+
+        Args:
+            value: seconds (``int`` or ``float``) or a ``timedelta``, greater than 0;
+                default 30 s. A holder renews every ``interval / 2``.
+        """
         self._interval = value
         return self
 
     def timeout(self, value: Duration) -> Self:
-        """Bound of every statement, in seconds or as a timedelta; shorter than the interval
-        (default ``min(1 s, interval / 4)``)."""
+        """The bound of every statement, on the server and on the client.
+
+        Args:
+            value: seconds or a ``timedelta``, greater than 0 and shorter than the interval;
+                default ``min(1 s, interval / 4)``. Server side it is PostgreSQL's
+                ``statement_timeout`` and ``lock_timeout`` (sent with each statement with
+                psycopg), MariaDB's ``max_statement_time`` and ``innodb_lock_wait_timeout``,
+                SQLite's ``busy_timeout``; a client-side bound covers a silent network.
+        """
         self._timeout = value
         return self
 
     def jitter(self, value: float) -> Self:
-        """Randomises every wait by +/- this fraction, 0 <= jitter < 1 (default 0.2)."""
+        """Randomises every wait, so that competitors do not check in step.
+
+        Args:
+            value: every wait is multiplied by a random factor in
+                ``[1 - value, 1 + value]``; ``0 <= value < 1``, default 0.2.
+        """
         self._jitter = value
         return self
 
     def logger(self, value: logging.Logger | logging.LoggerAdapter[Any]) -> Self:
-        """Where the flag logs (default ``logging.getLogger("sqlflag")``)."""
+        """Where the flag logs: errors once per change of kind and on recovery, tenures.
+
+        Args:
+            value: a ``logging.Logger`` or ``LoggerAdapter``; default
+                ``logging.getLogger("sqlflag")``.
+        """
         self._logger = value
         return self
 
     def metrics_registerer(self, value: CollectorRegistry) -> Self:
-        """The prometheus_client registry (default ``prometheus_client.REGISTRY``)."""
+        """The prometheus_client registry the metrics go to (with :meth:`metrics_subsystem`).
+
+        Args:
+            value: a ``CollectorRegistry``; default ``prometheus_client.REGISTRY``. Any number
+                of flags may share one registry and subsystem.
+        """
         self._registry = value
         return self
 
     def metrics_subsystem(self, value: str) -> Self:
-        """Metric name prefix; unset or "" registers no metrics."""
+        """Turns the metrics on: their names start with this prefix.
+
+        Args:
+            value: the prefix ``S`` of ``S_leadership_flag_state`` and the others; unset or
+                ``""`` registers no metrics.
+        """
         self._subsystem = value
         return self
 
@@ -213,7 +263,13 @@ class FlagBuilder(Generic[FlagT]):
         return self
 
     def create_table(self, value: bool = True) -> Self:
-        """Create the table if it is missing (for development and tests; use Alembic in prod)."""
+        """Create the table if it is missing (development and tests; in production run
+        ``sqlflag migrate`` or an Alembic revision).
+
+        Args:
+            value: True to create a missing table at :meth:`build`; default False, where a
+                missing table is a :class:`sqlflag.SchemaError`.
+        """
         self._create_table = value
         return self
 
@@ -231,8 +287,14 @@ class FlagBuilder(Generic[FlagT]):
         return self
 
     def schema(self, value: str | None) -> Self:
-        """The schema holding the table (a PostgreSQL schema; a MySQL/MariaDB database);
-        default None: the connection's default schema. Not supported on SQLite."""
+        """The schema holding the table; flags with the same name in two schemas are
+        independent.
+
+        Args:
+            value: a PostgreSQL schema or a MySQL/MariaDB database; default None, the
+                connection's default. On SQLite (which has no schemas) a
+                :class:`sqlflag.ConfigurationError`.
+        """
         self._schema = value
         return self
 
@@ -295,7 +357,20 @@ class FlagBuilder(Generic[FlagT]):
         return FlagCore(settings, ops, logger, metrics)
 
     def build(self: FlagBuilder[Flag]) -> Flag:
-        """Validate, check the table (creating it if asked), and start the flag's loop."""
+        """Validate, check the table (creating it if asked), and start the flag's loop.
+
+        Returns:
+            The running :class:`sqlflag.Flag` (lowered until its first check wins).
+
+        Raises:
+            sqlflag.ConfigurationError: a missing mandatory field, a value out of range, an
+                ``AsyncEngine`` (use :meth:`build_async`), an unsupported dialect or an
+                in-memory SQLite database.
+            sqlflag.SchemaError: the table is missing or lacks columns (unless
+                :meth:`create_table`).
+            sqlalchemy.exc.SQLAlchemyError: the database cannot be reached while the table
+                is checked; after ``build()`` database errors never escape the loop.
+        """
         settings = self._settings()
         engine = self._handle
         if isinstance(engine, AsyncEngine):
@@ -338,7 +413,16 @@ class FlagBuilder(Generic[FlagT]):
         return flag
 
     async def build_async(self: FlagBuilder[AsyncFlag]) -> AsyncFlag:
-        """Like :meth:`build`, for an AsyncEngine; returns a :class:`sqlflag.AsyncFlag`."""
+        """Like :meth:`build`, for an ``AsyncEngine``.
+
+        Returns:
+            The running :class:`sqlflag.AsyncFlag`.
+
+        Raises:
+            sqlflag.ConfigurationError: as :meth:`build`; also a sync ``Engine``, and asyncpg
+                behind a PostgreSQL transaction pooler (use ``postgresql+psycopg``).
+            sqlflag.SchemaError: as :meth:`build`.
+        """
         settings = self._settings()
         engine = self._handle
         if isinstance(engine, sa.Engine):

@@ -29,6 +29,8 @@ SDIST_FILES = (
     "migrations/env.py",
     "contrib/prometheus/sqlflag-alerts.yml",
     "contrib/grafana/sqlflag-dashboard.json",
+    "mkdocs.yml",
+    "docs/index.md",
 )
 
 

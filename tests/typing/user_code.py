@@ -1,4 +1,4 @@
-"""A user's code, as the README documents it: must pass ``mypy --strict`` (``tox -e type``).
+"""A user's code, as the documentation shows it: must pass ``mypy --strict`` (``tox -e type``).
 
 Not run: only type-checked. Each ``assert_type`` pins what a user's checker infers.
 """

@@ -1,7 +1,7 @@
 """Batched renewals, on the fake clock: the split, what a batch result means to each core,
 and the shared next due time.
 
-Documented (README, Many flags in one process): one statement per 1,000 tenures; a tenure
+Documented (docs/many-flags.md): one statement per 1,000 tenures; a tenure
 the batch did not renew gets a check of its own at once; the renewed flags share their next
 due time, so they stay one group.
 """

@@ -2,7 +2,7 @@
 
 Documented figures are written out here, not read from the code, so a change to the code
 that the docs do not follow fails: margin = 0.02 x interval and the clock-rate bound of 1 %
-(README, Guarantees), renew and check every interval / 2, retry every interval / 10, each
+(docs/guarantees.md), renew and check every interval / 2, retry every interval / 10, each
 randomised by +- jitter (SPEC section 3).
 """
 

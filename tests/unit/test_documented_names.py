@@ -1,7 +1,7 @@
 """The names the core emits (lowered reasons, error kinds) are the ``Literal`` types of
-``sqlflag._kinds``; the metric help text is built from their tuples, and the README's metrics
-table lists the same names: nothing emitted goes undocumented, and nothing documented is never
-emitted (a scan of the package finds every value emitted somewhere)."""
+``sqlflag._kinds``; the metric help text is built from their tuples, and the metrics table of
+docs/metrics.md lists the same names: nothing emitted goes undocumented, and nothing
+documented is never emitted (a scan of the package finds every value emitted somewhere)."""
 
 from __future__ import annotations
 
@@ -22,7 +22,7 @@ from sqlflag._kinds import ERROR_KINDS, LOWERED_REASONS
 from sqlflag._metrics import families
 
 PACKAGE = Path(sqlflag.__file__).parent  # the installed package under tox
-README = Path(__file__).resolve().parents[2] / "README.md"  # the checkout's
+METRICS_DOC = Path(__file__).resolve().parents[2] / "docs" / "metrics.md"  # the checkout's
 
 
 @functools.cache
@@ -82,14 +82,15 @@ def documented_in_help(family: str, label: str) -> set[str]:
     return {word.strip() for word in found.group(1).split(",")}
 
 
-def documented_in_readme(family: str) -> set[str]:
-    """The backquoted values in the description column of ``family``'s README table row."""
+def documented_in_docs(family: str) -> set[str]:
+    """The backquoted values in the description column of ``family``'s row in the metrics
+    table of docs/metrics.md."""
     rows = [
         line
-        for line in README.read_text(encoding="utf-8").splitlines()
+        for line in METRICS_DOC.read_text(encoding="utf-8").splitlines()
         if line.startswith("|") and f"{family}_total" in line
     ]
-    assert len(rows) == 1, f"README metrics table: no single row for {family}"
+    assert len(rows) == 1, f"docs/metrics.md metrics table: no single row for {family}"
     description = rows[0].strip("|").split("|")[-1]
     return set(re.findall(r"`([a-z_]+)`", description))
 
@@ -105,8 +106,8 @@ def test_every_error_kind_is_documented_and_every_documented_one_emitted() -> No
 
 
 def test_the_readme_metrics_table_lists_the_same_names() -> None:
-    assert documented_in_readme("leadership_flag_lowered") == set(LOWERED_REASONS)
-    assert documented_in_readme("leadership_flag_errors") == set(ERROR_KINDS)
+    assert documented_in_docs("leadership_flag_lowered") == set(LOWERED_REASONS)
+    assert documented_in_docs("leadership_flag_errors") == set(ERROR_KINDS)
 
 
 # Each reason the scan finds, produced by the core and seen by its metrics: proves the scan

@@ -1,6 +1,6 @@
 """The due-queue and the deadline groups, on the fake clock.
 
-Documented (README, Many flags in one process): renewals that fall due within a quarter
+Documented (docs/many-flags.md): renewals that fall due within a quarter
 interval of each other go out together.
 """
 
