@@ -11,7 +11,6 @@ import heapq
 import itertools
 import logging
 import threading
-import time
 import weakref
 from collections import deque
 from collections.abc import Callable, Iterable
@@ -20,6 +19,7 @@ from typing import Any, TypeVar
 import sqlalchemy as sa
 
 from ... import _fork
+from ..._clock import monotonic
 from ..._dialects import Database
 
 T = TypeVar("T")
@@ -87,9 +87,10 @@ class Worker:
             self._cv.notify()
 
     def call_later(self, delay: float, fn: Callable[[], None]) -> None:
-        """Call ``fn`` after ``delay`` seconds, on this thread."""
+        """Call ``fn`` after ``delay`` seconds, on this thread (by sqlflag's clock, which
+        counts a suspend: a deadline that passed meanwhile fires at once on waking)."""
         with self._cv:
-            heapq.heappush(self._timers, (time.monotonic() + delay, next(_seq), fn))
+            heapq.heappush(self._timers, (monotonic() + delay, next(_seq), fn))
             self._cv.notify()
 
     def flush(self, timeout: float) -> None:
@@ -111,7 +112,7 @@ class Worker:
         while True:
             with self._cv:
                 while True:
-                    now = time.monotonic()
+                    now = monotonic()
                     if self._jobs:
                         job = self._jobs.popleft()
                         break
