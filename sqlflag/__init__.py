@@ -1,7 +1,6 @@
 """sqlflag: leader election (a leadership flag) on the SQL database you already have."""
 
 from . import alembic
-from ._async import AsyncFlag
 from ._builder import FlagBuilder, new_flag
 from ._core import Health
 from ._errors import ConfigurationError, NotLeaderError, SchemaError, SqlflagError
@@ -9,7 +8,8 @@ from ._guard import guard, guard_async
 from ._inspect import FlagState, inspect, inspect_async
 from ._migrate import migrations_path
 from ._schema import metadata, table
-from ._sync import Flag
+from .shells._async import AsyncFlag
+from .shells._sync import Flag
 
 __all__ = [
     "AsyncFlag",

@@ -20,13 +20,13 @@ from ._dialects import Database, for_dialect
 from ._errors import ConfigurationError, SchemaError
 from ._metrics import FlagMetrics, NoMetrics, PrometheusMetrics
 from ._schema import REQUIRED_COLUMNS, TABLE_NAME, exact_collation, metadata, schema_options
-from ._shell import FlagBase
-from ._sync import Flag, Scheduler
+from .shells._base import FlagBase
+from .shells._sync import Flag, Scheduler
 
 if TYPE_CHECKING:
     from typing import Self
 
-    from ._async import AsyncFlag
+    from .shells._async import AsyncFlag
 
 Duration = int | float | timedelta
 #: The flag a builder makes: ``Flag`` once given an Engine, ``AsyncFlag`` once given an
@@ -434,7 +434,7 @@ class FlagBuilder(Generic[FlagT]):
             raise ConfigurationError(
                 f"handle must be a sqlalchemy Engine or AsyncEngine; got {type(engine).__name__}"
             )
-        from ._async import AsyncFlag, AsyncScheduler
+        from .shells._async import AsyncFlag, AsyncScheduler
 
         ops = self._dialect(engine.url, engine.dialect)
         if ops.name == "postgresql" and engine.dialect.driver == "asyncpg":

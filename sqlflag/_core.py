@@ -157,6 +157,7 @@ class FlagCore:
         self._seen_holder: str | None = None  # the lease as the last successful check saw it
         self._seen_token: int | None = None
         self._seen_left: tuple[float, float] | None = None  # (lease left, when seen)
+        self._watched = False  # a deadline timer is armed for the current tenure
         self.closed = False
         self.forked = False
         metrics.bind(self)
@@ -273,6 +274,12 @@ class FlagCore:
             and self._precheck_ok
         )
 
+    def renewal(self, now: float) -> tuple[str, str, int] | None:
+        """The renewal key when the next step is a plain renewal (see :meth:`renewable`);
+        None when the flag needs a step of its own. One call, so a shell reads both under
+        one lock."""
+        return self.renewal_key() if self.renewable(now) else None
+
     def renewal_key(self) -> tuple[str, str, int]:
         """``(name, holder, token)`` of the tenure to renew in a batch."""
         assert self._tenure is not None
@@ -281,8 +288,10 @@ class FlagCore:
     def finish_renewal(
         self, t_sent: float, t_done: float, token: int, renewed: bool, error: BaseException | None
     ) -> Report:
-        """Account for a batched renewal of ``token``; one not renewed gets its own check at
-        once (never another batch), which finds out why."""
+        """Account for a batched renewal of ``token`` (sent at ``t_sent``, answered or failed
+        at ``t_done``); one not renewed gets its own check at once (never another batch), which
+        finds out why."""
+        self.metrics.observe_latency(t_done - t_sent)
         if error is not None:
             return self._failed(t_done, error)
         if renewed:
@@ -475,12 +484,24 @@ class FlagCore:
 
     # -- lowering ---------------------------------------------------------------------------
 
+    def watch(self, transitions: list[Transition]) -> float | None:
+        """After announcing ``transitions``: the deadline a shell must arm a timer for (a
+        raise while no timer is armed), or None. One timer per tenure at most: the timer
+        itself moves on to later deadlines (:meth:`deadline_check`)."""
+        if self._watched or not any(tr.raised for tr in transitions):
+            return None
+        self._watched = True
+        return self.deadline
+
     def deadline_check(self, now: float) -> tuple[list[Transition], float | None]:
         """At a deadline timer: lower if the local deadline passed; else the deadline to
-        check next (renewals moved it on). None: lowered, nothing left to watch."""
+        check next (renewals moved it on). None: lowered, nothing left to watch (the next
+        raise arms a timer again, see :meth:`watch`)."""
         transitions = self.expire(now)
         deadline = self.deadline
-        return transitions, (deadline if deadline > -math.inf else None)
+        again = deadline if deadline > -math.inf else None
+        self._watched = again is not None
+        return transitions, again
 
     def expire(self, now: float) -> list[Transition]:
         """Lower a tenure whose local deadline has passed without a renewal."""

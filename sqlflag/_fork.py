@@ -146,9 +146,10 @@ def abandon(owner: Any, connections: list[Any]) -> None:
 
 
 def dbapi_of(conn: Any) -> Any:
-    """The DB-API connection under a SQLAlchemy (Async)Connection, without reconnecting."""
+    """The DB-API connection under a SQLAlchemy (Async)Connection or a pooled connection
+    (``engine.raw_connection()``), without reconnecting."""
     conn = getattr(conn, "sync_connection", conn)  # AsyncConnection
-    fairy = getattr(conn, "_dbapi_connection", None)
+    fairy = getattr(conn, "_dbapi_connection", conn)  # a Connection's, or a pooled one itself
     return getattr(fairy, "dbapi_connection", None)
 
 

@@ -21,7 +21,11 @@ from sqlalchemy.orm import Session
 from ._dialects import Database, for_dialect
 from ._errors import ConfigurationError, NotLeaderError, SchemaError
 from ._schema import GUARD_INDEX, TABLE_NAME, schema_options
-from ._shell import FlagBase
+from .shells._base import FlagBase
+
+#: What ``Flag.guard`` and ``AsyncFlag.guard`` accept (names the generated sync shell uses).
+Guarded = sa.Connection | Session
+AsyncGuarded = AsyncConnection | AsyncSession
 
 #: Engines (and schemas on them) whose table was found to support the guard.
 _ready: weakref.WeakKeyDictionary[sa.Engine, set[str | None]] = weakref.WeakKeyDictionary()
@@ -75,7 +79,7 @@ async def guard_async(
 
 
 def guard_flag(
-    connection: sa.Connection | Session, flag: FlagBase, url: sa.URL, schema: str | None
+    connection: Guarded, flag: FlagBase, url: sa.URL, schema: str | None
 ) -> None:
     """``Flag.guard``: the flag's own tenure, on its engine's database (``url``)."""
     conn = _sync_connection(connection, "`await flag.guard(...)` of an AsyncFlag")
@@ -83,7 +87,7 @@ def guard_flag(
 
 
 async def guard_flag_async(
-    connection: AsyncConnection | AsyncSession, flag: FlagBase, url: sa.URL, schema: str | None
+    connection: AsyncGuarded, flag: FlagBase, url: sa.URL, schema: str | None
 ) -> None:
     """``AsyncFlag.guard``."""
     conn = await _async_connection(connection, "the sync Flag's guard()")

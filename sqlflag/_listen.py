@@ -62,6 +62,7 @@ class Listener:
         self.unavailable: str | None = None
         self.connection: Any = None  # the listening connection (a child after fork blinds it)
         self.thread = threading.Thread(target=self._run, name="sqlflag-listen", daemon=True)
+        self.task = self.thread  # what the shells wait for, named as in AsyncListener
         self.thread.start()
 
     def stop(self) -> None:

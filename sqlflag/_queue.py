@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import heapq
 import itertools
+from collections.abc import Iterable
 from typing import Generic, Protocol, TypeVar
 
 from ._core import FlagCore
@@ -45,6 +46,11 @@ class DueQueue(Generic[F]):
         seq = next(_seq)
         flag._due = (when, seq)
         heapq.heappush(self._heap, (when, seq, flag))
+
+    def reschedule(self, flag: F, when: float) -> None:
+        """After a step: run ``flag`` again at ``when``, unless it was closed meanwhile."""
+        if not flag._core.closed:
+            self.push(flag, when)
 
     def next_time(self) -> float | None:
         """When the earliest flag is due; None when no flag is waiting."""
@@ -103,3 +109,13 @@ class Deadlines(Generic[F]):
     def take(self, when: float) -> list[F]:
         """The flags watched at ``when`` (the timer for it fired)."""
         return self._by_time.pop(when, [])
+
+
+def woken(flags: Iterable[F], name: str, now: float) -> list[F]:
+    """The flags that check at once when the flag ``name`` was released (a notification): the
+    ones of that name still running (not closed, not mid-step) and lowered."""
+    return [
+        flag for flag in flags
+        if flag._core.settings.name == name and flag._due is not None
+        and not flag._core.raised(now)
+    ]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import heapq
 import itertools
+import math
 import os
 import socket
 import threading
@@ -24,9 +25,17 @@ from ._clock import monotonic
 
 def client_bound(timeout: float) -> float:
     """How long the client waits for a reply: more than the server-side timeout, so that the
-    server's own (cleaner) error wins whenever the server is still answering. The same bound
-    as the async shell's ``asyncio.wait_for`` around a statement."""
+    server's own (cleaner) error wins whenever the server is still answering. Both shells use
+    it: the sync one through the drivers' socket bounds, the async one with a timeout around
+    each statement."""
     return timeout * 1.5 + 0.05
+
+
+def connect_bound(timeout: float) -> float:
+    """How long connecting may take, in both shells: the client bound rounded up to whole
+    seconds, at least 2 (libpq's ``connect_timeout`` counts whole seconds and takes no less;
+    a lost SYN is only sent again after 1 s)."""
+    return float(max(2, math.ceil(client_bound(timeout))))
 
 
 class ClientTimeout(TimeoutError):

@@ -51,13 +51,13 @@ import threading
 from collections.abc import Callable, Iterable
 from typing import Any
 
-from ._async import AsyncFlag
 from ._builder import _text
 from ._clock import monotonic
 from ._core import Health
 from ._errors import SqlflagError
 from ._guard import local_token
-from ._sync import Flag
+from .shells._async import AsyncFlag
+from .shells._sync import Flag
 
 __all__ = ["ManualAsyncFlag", "ManualFlag"]
 
@@ -383,6 +383,10 @@ class ManualAsyncFlag(_ManualView, AsyncFlag):
 
     async def __aenter__(self) -> ManualAsyncFlag:
         return self
+
+    def _signal(self) -> None:
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()
 
     async def _run(self, callbacks: list[Callable[[AsyncFlag], object]]) -> None:
         for callback in callbacks:

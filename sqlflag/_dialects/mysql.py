@@ -23,7 +23,7 @@ from sqlalchemy.engine import CursorResult
 
 from .._kinds import ErrorKind
 from .._schema import exact_collation
-from .._watchdog import client_bound
+from .._watchdog import client_bound, connect_bound
 from ._base import Database, InvalidRow, Outcome, t
 
 #: Added to the microseconds left so that "lost" values never collide with a token or 0.
@@ -97,7 +97,11 @@ class MySQL(Database):
     def connect_params(self, driver: str, timeout: float) -> dict[str, Any]:
         if driver == "pymysql":  # connect_timeout covers the TCP connect, not the handshake
             bound = client_bound(timeout)
-            return {"connect_timeout": bound, "read_timeout": bound, "write_timeout": bound}
+            return {
+                "connect_timeout": connect_bound(timeout),
+                "read_timeout": bound,
+                "write_timeout": bound,
+            }
         return {}
 
     def configure_dbapi(self, dbapi_connection: Any, timeout: float) -> None:

@@ -31,7 +31,7 @@ from sqlalchemy.dialects.postgresql import ARRAY, insert
 from sqlalchemy.engine import CursorResult
 
 from .._kinds import ErrorKind
-from .._watchdog import bound_psycopg, client_bound
+from .._watchdog import bound_psycopg, client_bound, connect_bound
 from ._base import Database, Outcome, as_seconds, as_token, t
 
 #: Tokens per timeline: timeline ``T`` hands out tokens in ``[(T-1) * SPAN, T * SPAN)``.
@@ -201,8 +201,8 @@ class PostgreSQL(Database):
         return {**super().ensure_values(), "token": sa.select(timeline_floor()).scalar_subquery()}
 
     def connect_params(self, driver: str, timeout: float) -> dict[str, Any]:
-        if driver == "psycopg":  # libpq counts whole seconds, at least 2
-            return {"connect_timeout": max(2, math.ceil(client_bound(timeout)))}
+        if driver == "psycopg":  # libpq counts whole seconds, at least 2 (so does the bound)
+            return {"connect_timeout": int(connect_bound(timeout))}
         return {}
 
     def configure_dbapi(self, dbapi_connection: Any, timeout: float) -> None:

@@ -98,8 +98,8 @@ def connect_args(url: sa.URL, seconds: float) -> dict[str, Any]:
 def sabotage(how: str) -> None:
     """Break the library on purpose, to prove the checker notices (negative control)."""
     import sqlflag._core
-    import sqlflag._shell
-    import sqlflag._sync
+    import sqlflag.shells._base
+    import sqlflag.shells._sync
 
     if how == "lease":
         # Holders believe their lease lasts 3.5 times longer than the database grants it, and
@@ -117,7 +117,7 @@ def sabotage(how: str) -> None:
     elif how == "wallclock":
         # Lease deadlines on the wall clock (which the clock_jump fault moves; time.time is
         # already the jumping one here).
-        for module in (sqlflag._shell, sqlflag._sync):
+        for module in (sqlflag.shells._base, sqlflag.shells._sync):
             module.monotonic = time.time  # type: ignore[attr-defined]
     elif how == "pre_timeline":
         # PostgreSQL's check as it was before tokens carried the server's timeline: after a

@@ -178,3 +178,21 @@ def test_a_renewed_group_is_due_together_again() -> None:
         assert queue.pop_group(next_due - 1e-6) == []
         now = next_due
     assert all(f._core.raised(now) for f in flags)
+
+
+def test_a_batched_renewal_is_timed_for_every_member_and_renewal_reads_state_once() -> None:
+    """Each member's latency is the batch's round trip (the metric counts per flag); and
+    ``renewal(now)`` is the key exactly when the flag may join a batch, None otherwise."""
+    flags = [holding(n, t) for n, t in (("a", 1), ("b", 2))]
+    for flag in flags:
+        assert flag._core.renewal(T0 + 5) == flag._core.renewal_key()
+        renew(flag, T0 + 5, T0 + 5.25, renewed=True)
+        assert flag._core.metrics.latencies[-1] == pytest.approx(0.25)
+    failed = holding("c", 3)
+    core = failed._core
+    core.finish_renewal(T0 + 5, T0 + 5.5, 3, False, locked())
+    assert core.metrics.latencies[-1] == pytest.approx(0.5)
+    assert core.renewal(T0 + LEASE) is None  # past the local deadline: a check of its own
+    assert core.renewal(T0 + 6) is not None
+    core.finish_renewal(T0 + 6, T0 + 6.1, 3, False, None)  # not renewed: checks alone next
+    assert core.renewal(T0 + 6.2) is None

@@ -526,3 +526,22 @@ def test_jitter_stays_within_its_bounds_with_a_seeded_rng(make_core: Make, run: 
     assert seen[0] == seen[1]  # the same seed, the same waits: deterministic
     steady = make_core(jitter=0.0)
     assert {run(steady, T0 + i, lost()).report.delay for i in range(5)} == {INTERVAL / 2}
+
+
+def test_one_deadline_timer_per_tenure(make_core: Make, run: Run, acquire: Run) -> None:
+    """``watch``: a raise arms a timer for the deadline; renewals and more raises while it is
+    armed arm none (the timer moves itself on); once it lowered the flag, the next raise arms
+    one again. (Without a timer, a holder whose renewals stop would never hear on_lowered.)"""
+    core = make_core()
+    assert core.watch([Transition(False, 1, "expired")]) is None  # nothing raised
+    raised = acquire(core, T0, 7).transitions
+    assert core.watch(raised) == pytest.approx(T0 + LEASE)
+    assert core.watch(raised) is None  # armed already
+    run(core, T0 + 5, won(7))
+    transitions, again = core.deadline_check(T0 + LEASE)
+    assert transitions == [] and again is not None
+    assert core.watch(raised) is None  # still armed: it moved on to ``again``
+    transitions, again = core.deadline_check(T0 + 5 + LEASE)
+    assert again is None and transitions == [Transition(False, 7, "expired")]
+    raised = acquire(core, T0 + 20, 8).transitions
+    assert core.watch(raised) == pytest.approx(T0 + 20 + LEASE)

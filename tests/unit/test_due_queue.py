@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from corefakes import T0, QueuedFlag, holding, lowered
 
-from sqlflag._queue import Deadlines, DueQueue
+from sqlflag._queue import Deadlines, DueQueue, woken
 
 INTERVAL = 10.0
 LEASE = INTERVAL * 0.98
@@ -140,3 +140,28 @@ def test_a_deadline_timer_rewatches_the_flags_renewed_meanwhile_under_one_new_ti
     again = [(f, d) for f in fired if (d := f._core.deadline_check(T0 + LEASE)[1]) is not None]
     assert [deadlines.add(when, flag) for flag, when in again] == [True, False, False]
     assert deadlines.take(t_sent + LEASE) == batch
+
+
+def test_reschedule_skips_a_flag_closed_while_it_ran() -> None:
+    """A step that ends after close() must not put the flag back in the queue: a closed flag
+    sends nothing more (its release is a job of its own)."""
+    a, b = lowered("a"), lowered("b")
+    queue: DueQueue[QueuedFlag] = DueQueue()
+    b._core.close(T0)
+    queue.reschedule(a, T0 + 1)
+    queue.reschedule(b, T0 + 1)
+    assert b._due is None
+    assert drain(queue, T0 + 2) == [[a]]
+
+
+def test_a_release_notification_wakes_the_lowered_waiting_flags_of_that_name_only() -> None:
+    """``woken``: a notification that ``name`` was released moves the check of every flag of
+    that name that is lowered and waiting to now; a holder, a flag mid-step (no live entry)
+    and flags of other names are left alone."""
+    waiting, other_name, mid_step = lowered("x"), lowered("y"), lowered("x")
+    holder = holding("x", 3)
+    queue: DueQueue[QueuedFlag] = DueQueue()
+    for flag in (waiting, other_name, holder):
+        queue.push(flag, T0 + 5)
+    assert woken([waiting, other_name, mid_step, holder], "x", T0 + 1) == [waiting]
+    assert woken([waiting, other_name], "z", T0 + 1) == []

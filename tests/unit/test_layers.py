@@ -21,8 +21,12 @@ ROOT = "sqlflag"
 
 #: The pure core: decisions only, no I/O.
 CORE = ("sqlflag._core", "sqlflag._queue", "sqlflag._batch")
-#: What runs statements or threads (prefixes: a module or a package of them).
-SHELLS = ("sqlflag._sync", "sqlflag._async", "sqlflag._shell", "sqlflag._listen")
+#: What runs statements or threads (prefixes: a module or a package of them). The shells'
+#: package: the async shell (hand-written), the sync one (generated from it), and the pair of
+#: concurrency modules they stand on.
+SHELLS = ("sqlflag.shells", "sqlflag._listen")
+#: Where threads and asyncio differ; only the shells use it.
+CONCURRENCY = "sqlflag.shells._concurrency"
 #: The command line, old flat modules and the package.
 CLI = ("sqlflag.cli", "sqlflag._cli", "sqlflag._cli_run", "sqlflag._cli_status", "sqlflag._demo")
 #: Database drivers (top-level distribution modules).
@@ -234,3 +238,13 @@ def test_no_module_imports_the_command_line_but_the_command_line() -> None:
         if _in(module, CLI) or module == "sqlflag.__main__":
             continue
         assert not [m for m in imported if _in(m, CLI)], module
+
+
+def test_only_the_shells_use_their_concurrency_modules() -> None:
+    """Threads-or-asyncio is the shells' business: the API, the core and the dialects never
+    reach for it (they would then exist in one flavour only)."""
+    assert f"{CONCURRENCY}._async" in graph() and f"{CONCURRENCY}._sync" in graph()
+    for module, imported in graph().items():
+        if _in(module, ("sqlflag.shells",)):
+            continue
+        assert not [m for m in imported if _in(m, (CONCURRENCY,))], module

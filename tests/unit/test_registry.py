@@ -84,7 +84,7 @@ def test_session_setup_probes_the_server_version() -> None:
 
 def test_a_database_module_loads_on_first_use_only() -> None:
     code = (
-        "import sys, sqlflag, sqlflag._builder, sqlflag._sync, sqlflag._core\n"
+        "import sys, sqlflag, sqlflag._builder, sqlflag.shells._sync, sqlflag._core\n"
         "loaded = sorted(m for m in sys.modules if m.startswith('sqlflag._dialects.'))\n"
         "assert loaded == ['sqlflag._dialects._base'], loaded\n"
         "from sqlflag._dialects import by_name\n"

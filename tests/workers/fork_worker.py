@@ -149,7 +149,7 @@ def pooled_session(flag: Any, mode: str) -> int:
             async with engine.connect() as conn:
                 return int(await conn.run_sync(session))
 
-        return int(asyncio.run_coroutine_threadsafe(read(), flag._scheduler._loop).result(10))
+        return int(asyncio.run_coroutine_threadsafe(read(), flag._scheduler._scope).result(10))
     with engine.connect() as conn:
         return session(conn)
 

@@ -6,9 +6,9 @@ import time
 from collections.abc import Callable
 from typing import Any
 
-from ._clock import monotonic
-from ._core import FlagCore, Health
-from ._errors import SqlflagError
+from .._clock import monotonic
+from .._core import FlagCore, Health
+from .._errors import SqlflagError
 
 
 class FlagBase:
