@@ -98,20 +98,11 @@ def timing(interval: Any = None, timeout: Any = None) -> tuple[float, float]:
     return seconds, bound
 
 
-class FlagBuilder(Generic[FlagT]):
-    """Collects a flag's configuration; every method returns the builder.
+class CommonBuilder:
+    """What a flag's and a flag set's builders share: every setter returns the builder and
+    nothing is checked before ``build()``."""
 
-    Nothing is checked until :meth:`build` (or :meth:`build_async`), which raises
-    :class:`ConfigurationError` or :class:`SchemaError` before any background work starts.
-
-    For type checkers the builder is generic in the flag it makes: :meth:`handle` given an
-    ``Engine`` gives a ``FlagBuilder[Flag]`` (callbacks take a ``Flag``, the precheck is a plain
-    function, only :meth:`build` is allowed), given an ``AsyncEngine`` a
-    ``FlagBuilder[AsyncFlag]`` (callbacks take an ``AsyncFlag``, the precheck may be a coroutine
-    function, only :meth:`build_async`). Call ``handle()`` first to get that checking.
-    """
-
-    def __init__(self: FlagBuilder[Any]) -> None:
+    def __init__(self) -> None:
         self._handle: Any = None
         self._name: Any = None
         self._process: Any = None
@@ -121,21 +112,9 @@ class FlagBuilder(Generic[FlagT]):
         self._logger: Any = None
         self._registry: Any = None
         self._subsystem: Any = ""
-        self._precheck: Any = None
-        self._on_raised: list[Any] = []
-        self._on_lowered: list[Any] = []
         self._create_table = False
         self._listen = True
         self._schema: Any = None
-
-    @overload
-    def handle(self, value: sa.Engine) -> FlagBuilder[Flag]: ...
-    @overload
-    def handle(self, value: AsyncEngine) -> FlagBuilder[AsyncFlag]: ...
-    def handle(self, value: sa.Engine | AsyncEngine) -> FlagBuilder[Any]:
-        """The SQLAlchemy Engine (or AsyncEngine, for :meth:`build_async`). Mandatory."""
-        self._handle = value
-        return self
 
     def name(self, value: str) -> Self:
         """The flag's name, shared by every process that competes for it. Mandatory."""
@@ -178,6 +157,99 @@ class FlagBuilder(Generic[FlagT]):
         self._subsystem = value
         return self
 
+    def create_table(self, value: bool = True) -> Self:
+        """Create the table if it is missing (for development and tests; use Alembic in prod)."""
+        self._create_table = value
+        return self
+
+    def listen(self, value: bool = True) -> Self:
+        """PostgreSQL: LISTEN for releases, so a follower takes over within milliseconds of
+        the holder's close() instead of at its next check. On by default; ``listen(False)``
+        opts out. Costs one more connection per engine. The listener first checks that a
+        notification sent to it arrives; where none can (a transaction pooler) it warns
+        once and the flags keep to their regular checks. A no-op on other databases.
+
+        Args:
+            value: True (the default) to listen, False to rely on regular checks only.
+        """
+        self._listen = value
+        return self
+
+    def schema(self, value: str | None) -> Self:
+        """The schema holding the table (a PostgreSQL schema; a MySQL/MariaDB database);
+        default None: the connection's default schema. Not supported on SQLite."""
+        self._schema = value
+        return self
+
+    def _common(self) -> Settings:
+        """The shared settings, validated (ConfigurationError otherwise)."""
+        if self._handle is None:
+            raise ConfigurationError("handle is mandatory")
+        name = _text("name", self._name)
+        process = _text("process", self._process)
+        interval, timeout = timing(self._interval, self._timeout)
+        jitter = self._jitter
+        if isinstance(jitter, bool) or not isinstance(jitter, int | float):
+            raise ConfigurationError(f"jitter must be a number; got {jitter!r}")
+        if not 0 <= jitter < 1:
+            raise ConfigurationError(f"jitter must be at least 0 and less than 1; got {jitter!r}")
+        if self._logger is not None and not isinstance(
+            self._logger, logging.Logger | logging.LoggerAdapter
+        ):
+            raise ConfigurationError(f"logger must be a logging.Logger; got {self._logger!r}")
+        if self._registry is not None and not isinstance(self._registry, CollectorRegistry):
+            raise ConfigurationError(
+                f"metrics_registerer must be a prometheus_client CollectorRegistry; "
+                f"got {self._registry!r}"
+            )
+        if not isinstance(self._subsystem, str):
+            raise ConfigurationError(f"metrics_subsystem must be a string; got {self._subsystem!r}")
+        if self._schema is not None and (not isinstance(self._schema, str) or not self._schema):
+            raise ConfigurationError(f"schema must be a non-empty string; got {self._schema!r}")
+        return Settings(name, process, interval, timeout, float(jitter))
+
+    def _dialect(self, url: sa.URL, dialect: sa.Dialect) -> Database:
+        ops = for_dialect(dialect)
+        if ops.name == "sqlite" and self._schema is not None:
+            raise ConfigurationError(
+                "schema is not supported on SQLite: use another database file instead"
+            )
+        if ops.name == "sqlite" and url.database in (None, "", ":memory:"):
+            raise ConfigurationError(
+                "handle is an in-memory SQLite database, private to one connection; "
+                "use a file database (sqlite:///path.db) so processes can share the flag"
+            )
+        return ops
+
+
+class FlagBuilder(CommonBuilder, Generic[FlagT]):
+    """Collects a flag's configuration; every method returns the builder.
+
+    Nothing is checked until :meth:`build` (or :meth:`build_async`), which raises
+    :class:`ConfigurationError` or :class:`SchemaError` before any background work starts.
+
+    For type checkers the builder is generic in the flag it makes: :meth:`handle` given an
+    ``Engine`` gives a ``FlagBuilder[Flag]`` (callbacks take a ``Flag``, the precheck is a plain
+    function, only :meth:`build` is allowed), given an ``AsyncEngine`` a
+    ``FlagBuilder[AsyncFlag]`` (callbacks take an ``AsyncFlag``, the precheck may be a coroutine
+    function, only :meth:`build_async`). Call ``handle()`` first to get that checking.
+    """
+
+    def __init__(self: FlagBuilder[Any]) -> None:
+        super().__init__()
+        self._precheck: Any = None
+        self._on_raised: list[Any] = []
+        self._on_lowered: list[Any] = []
+
+    @overload
+    def handle(self, value: sa.Engine) -> FlagBuilder[Flag]: ...
+    @overload
+    def handle(self, value: AsyncEngine) -> FlagBuilder[AsyncFlag]: ...
+    def handle(self, value: sa.Engine | AsyncEngine) -> FlagBuilder[Any]:
+        """The SQLAlchemy Engine (or AsyncEngine, for :meth:`build_async`). Mandatory."""
+        self._handle = value
+        return self
+
     @overload
     def precheck(
         self: FlagBuilder[AsyncFlag], value: Callable[[], bool | Awaitable[bool]]
@@ -212,43 +284,10 @@ class FlagBuilder(Generic[FlagT]):
         self._on_lowered.append(value)
         return self
 
-    def create_table(self, value: bool = True) -> Self:
-        """Create the table if it is missing (for development and tests; use Alembic in prod)."""
-        self._create_table = value
-        return self
-
-    def listen(self, value: bool = True) -> Self:
-        """PostgreSQL: LISTEN for releases, so a follower takes over within milliseconds of
-        the holder's close() instead of at its next check. On by default; ``listen(False)``
-        opts out. Costs one more connection per engine. The listener first checks that a
-        notification sent to it arrives; where none can (a transaction pooler) it warns
-        once and the flags keep to their regular checks. A no-op on other databases.
-
-        Args:
-            value: True (the default) to listen, False to rely on regular checks only.
-        """
-        self._listen = value
-        return self
-
-    def schema(self, value: str | None) -> Self:
-        """The schema holding the table (a PostgreSQL schema; a MySQL/MariaDB database);
-        default None: the connection's default schema. Not supported on SQLite."""
-        self._schema = value
-        return self
-
     # -- building ---------------------------------------------------------------------------
 
     def _settings(self) -> Settings:
-        if self._handle is None:
-            raise ConfigurationError("handle is mandatory")
-        name = _text("name", self._name)
-        process = _text("process", self._process)
-        interval, timeout = timing(self._interval, self._timeout)
-        jitter = self._jitter
-        if isinstance(jitter, bool) or not isinstance(jitter, int | float):
-            raise ConfigurationError(f"jitter must be a number; got {jitter!r}")
-        if not 0 <= jitter < 1:
-            raise ConfigurationError(f"jitter must be at least 0 and less than 1; got {jitter!r}")
+        settings = self._common()
         if self._precheck is not None and not callable(self._precheck):
             raise ConfigurationError(f"precheck must be callable; got {self._precheck!r}")
         # None is no callback: on_raised(None) would only fail later, in the loop.
@@ -257,33 +296,7 @@ class FlagBuilder(Generic[FlagT]):
         ]:
             if not callable(fn):
                 raise ConfigurationError(f"{field} must be callable; got {fn!r}")
-        if self._logger is not None and not isinstance(
-            self._logger, logging.Logger | logging.LoggerAdapter
-        ):
-            raise ConfigurationError(f"logger must be a logging.Logger; got {self._logger!r}")
-        if self._registry is not None and not isinstance(self._registry, CollectorRegistry):
-            raise ConfigurationError(
-                f"metrics_registerer must be a prometheus_client CollectorRegistry; "
-                f"got {self._registry!r}"
-            )
-        if not isinstance(self._subsystem, str):
-            raise ConfigurationError(f"metrics_subsystem must be a string; got {self._subsystem!r}")
-        if self._schema is not None and (not isinstance(self._schema, str) or not self._schema):
-            raise ConfigurationError(f"schema must be a non-empty string; got {self._schema!r}")
-        return Settings(name, process, interval, timeout, float(jitter))
-
-    def _dialect(self, url: sa.URL, dialect: sa.Dialect) -> Database:
-        ops = for_dialect(dialect)
-        if ops.name == "sqlite" and self._schema is not None:
-            raise ConfigurationError(
-                "schema is not supported on SQLite: use another database file instead"
-            )
-        if ops.name == "sqlite" and url.database in (None, "", ":memory:"):
-            raise ConfigurationError(
-                "handle is an in-memory SQLite database, private to one connection; "
-                "use a file database (sqlite:///path.db) so processes can share the flag"
-            )
-        return ops
+        return settings
 
     def _core(self, settings: Settings, ops: Database) -> FlagCore:
         logger = self._logger or logging.getLogger("sqlflag")

@@ -189,6 +189,13 @@ class Database(abc.ABC):
     def ensure_values(self) -> dict[str, Any]:
         return {"name": sa.bindparam("p_name"), "token": 0, "expires_at": self.now()}
 
+    def name_range(
+        self, column: sa.ColumnElement[Any], lo: sa.ColumnElement[Any], hi: sa.ColumnElement[Any]
+    ) -> sa.ColumnElement[bool]:
+        """``lo <= column < hi``, comparing names byte for byte (a flag set's rows: every name
+        with one prefix). SQLite's default and MySQL/MariaDB's NO PAD binary collation do."""
+        return sa.and_(column >= lo, column < hi)
+
     def build_inspect(self) -> sa.Select[Any]:
         return sa.select(
             t.c.name, t.c.holder, t.c.token, self.seconds_left(t.c.expires_at).label("left")

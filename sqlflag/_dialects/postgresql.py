@@ -132,6 +132,13 @@ class PostgreSQL(Database):
             holder_token=None if token is None else as_token(token),
         )
 
+    def name_range(
+        self, column: sa.ColumnElement[Any], lo: sa.ColumnElement[Any], hi: sa.ColumnElement[Any]
+    ) -> sa.ColumnElement[bool]:
+        # The database's collation may order "a/1" after "a0" (en_US ignores punctuation at
+        # first): compare as "C", byte for byte.
+        return sa.and_(column.collate("C") >= lo, column.collate("C") < hi)
+
     def build_renew_many(self) -> sa.Executable:
         # Three array parameters instead of an expanding IN of 3 x N scalars: the statement
         # text is the same for any N, so neither SQLAlchemy nor the driver re-renders it.
