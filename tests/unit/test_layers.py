@@ -20,9 +20,12 @@ PACKAGE = Path(sqlflag.__file__).parent  # the installed package under tox
 ROOT = "sqlflag"
 
 #: The pure core: decisions only, no I/O.
-CORE = ("sqlflag._core", "sqlflag._queue", "sqlflag._batch")
+CORE = ("sqlflag._core", "sqlflag._queue", "sqlflag._batch", "sqlflag._partition")
 #: What runs statements or threads (prefixes: a module or a package of them).
-SHELLS = ("sqlflag._sync", "sqlflag._async", "sqlflag._shell", "sqlflag._listen")
+SHELLS = (
+    "sqlflag._sync", "sqlflag._async", "sqlflag._shell", "sqlflag._listen",
+    "sqlflag._flagset_sync", "sqlflag._flagset_async", "sqlflag._setbase",
+)
 #: The command line, old flat modules and the package.
 CLI = ("sqlflag.cli", "sqlflag._cli", "sqlflag._cli_run", "sqlflag._cli_status", "sqlflag._demo")
 #: Database drivers (top-level distribution modules).
