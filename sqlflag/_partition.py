@@ -332,6 +332,8 @@ class SetCore:
         if release is not None:
             answer = yield release
             if answer.error is None:
+                for sh in self._to_release:
+                    self.rows.pop(shard_row(s.name, sh), None)
                 self._to_release.clear()
         budget = now + s.interval / 4  # takes beyond it wait for the next check (right away)
         last = now
