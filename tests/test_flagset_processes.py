@@ -214,7 +214,7 @@ def test_the_checker_sees_an_overlap_and_a_token_going_back(tmp_path: Path) -> N
         return m
 
     a = member("a", "snap 1.0 1.1 0:1,1:5\nbeat 2.0 2.1\nsnap 3.0 3.1 \n")
-    b = member("b", "snap 2.5 2.6 0:2\nsnap 3.5 3.6 0:2,1:4\nbeat 4.0 4.1\n")
+    b = member("b", "snap 1.5 1.6 0:2\nsnap 3.5 3.6 0:2,1:4\nbeat 4.0 4.1\n")
     found = violations(belief_intervals([a, b]))
     assert any("shard 0" in f for f in found)  # a surely held 0 until 2.0, b from 1.6
     assert any("token 4 after 5" in f for f in found)
