@@ -245,3 +245,25 @@ def test_async_members_balance_and_hand_over(db_url: str, set_name: str) -> None
             await engine.dispose()
 
     run(main)
+
+
+def test_status_shows_members_and_who_holds_which_shard(
+    make_set: Callable[..., sqlflag.FlagSet], db_url: str, set_name: str
+) -> None:
+    from test_cli import sqlflag_cli
+
+    a, b = make_set("a", 12), make_set("b", 12)
+    until(lambda: balanced([a, b], 12), BOUND)
+    time.sleep(INTERVAL)
+    result = sqlflag_cli("status", "--url", db_url)
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    start = lines.index(f"SET {set_name}: 2 member(s), 12 shard(s)")
+    block = {}
+    for line in lines[start + 2 : start + 4]:
+        member, count, held = re.split(r"\s{2,}", line.strip(), maxsplit=2)
+        block[member] = (int(count), {int(x) for x in held.split(", ")})
+    assert block == {"a": (6, set(a.owned)), "b": (6, set(b.owned))}
+    b.close()
+    result = sqlflag_cli("status", "--url", db_url)
+    assert f"SET {set_name}: 1 member(s), 12 shard(s)" in result.stdout
