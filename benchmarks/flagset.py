@@ -113,9 +113,12 @@ class Member:
                     return float(line.split()[1])
         return None
 
-    def stop(self, sig: int = signal.SIGTERM) -> None:
+    def send(self, sig: int) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(sig)
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        self.send(sig)
         self.proc.wait(30)
 
 
@@ -178,14 +181,16 @@ def run_one(
         # A graceful leave.
         leaving = members.pop("m0")
         t = time.time()
-        leaving.stop(signal.SIGTERM)
+        leaving.send(signal.SIGTERM)
         leave = wait_balanced(engine, name, k, set(members), since=t)
+        leaving.stop()
         time.sleep(interval)
         # A crash.
         crashed = members.pop("m1")
         t = time.time()
-        crashed.stop(signal.SIGKILL)
+        crashed.send(signal.SIGKILL)
         crash = wait_balanced(engine, name, k, set(members), since=t)
+        crashed.stop()
     finally:
         for m in members.values():
             with contextlib.suppress(Exception):

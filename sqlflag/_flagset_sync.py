@@ -125,16 +125,15 @@ class FlagSet(FlagSetBase):
                         self._announce()
                         self._cv.wait(max(0.0, min(wake, core.next_deadline()) - now) + 0.0005)
                 self._announce()
-            final = core.final()
-            if final is not None:
-                try:
-                    self._execute(final)
-                except Exception as exc:  # the leases run out on their own instead
-                    core.log.warning(
-                        "flag set %r: process %r could not release its shards (%s); they "
-                        "expire within one interval", core.settings.name,
-                        core.settings.process, exc,
-                    )
+            try:
+                for step in core.final():
+                    self._execute(step)
+            except Exception as exc:  # the leases run out on their own instead
+                core.log.warning(
+                    "flag set %r: process %r could not release its shards (%s); they "
+                    "expire within one interval", core.settings.name,
+                    core.settings.process, exc,
+                )
         except Exception:  # pragma: no cover - a bug: say so rather than die silently
             core.log.exception("flag set %r: its loop failed", core.settings.name)
         finally:

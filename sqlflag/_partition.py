@@ -26,6 +26,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from ._batch import BATCH_SIZE
 from ._core import Settings, Step, _one_line
 from ._dialects import Database, InvalidRow
 from ._dialects._base import as_seconds, as_token
@@ -235,26 +236,30 @@ class SetCore:
         delay until the next check."""
         s = self.settings
         self.expire(now)
-        # 1. Renew the membership and every shard still owned, in one statement.
+        # 1. Renew the membership and every shard still owned: one statement (per
+        #    BATCH_SIZE tenures, the flags' batch size: SQLite bounds a statement's parameters).
         keys: list[tuple[str, str, int]] = []
         if self.member is not None:
             keys.append((self._member_row, s.process, self.member[0]))
         keys += [(shard_row(s.name, sh), s.process, tok) for sh, (tok, _) in self.tenures.items()]
         unconfirmed: list[Shard] = []
         member_unconfirmed = False
-        if keys:
-            params = self.dialect.renew_many_params(keys)
+        for start in range(0, len(keys), BATCH_SIZE):
+            chunk = keys[start : start + BATCH_SIZE]
+            params = self.dialect.renew_many_params(chunk)
             params["p_interval"] = self.dialect.interval_param(s.interval)
             answer = yield Step("check", self.dialect.renew_many, params)
             if answer.error is not None:
                 return self._failed(answer)
             self.expire(answer.t_done)
-            names = self.dialect.renewed(answer.result, len(keys))
+            asked = {k[0] for k in chunk}
+            names = self.dialect.renewed(answer.result, len(chunk))
             exact = names is not None
             if names is None:  # only a count: all, or none confirmed (the read decides)
-                names = {k[0] for k in keys} if answer.result.rowcount == len(keys) else set()
-            unconfirmed = self._renewed(names, exact, answer.t_sent, answer.t_done)
-            member_unconfirmed = self.member is not None and self._member_row not in names
+                names = asked if answer.result.rowcount == len(chunk) else set()
+            unconfirmed += self._renewed(names, asked, exact, answer.t_sent, answer.t_done)
+            if self._member_row in asked and self.member is not None:
+                member_unconfirmed = self._member_row not in names
         # 2. Read every row of the set.
         answer = yield Step("check", self.read, dict(self._range))
         if answer.error is not None:
@@ -328,13 +333,15 @@ class SetCore:
                     s.process, _few(give_up),
                 )
                 self._revoke(give_up)
-        release = self.release_step()
-        if release is not None:
+        releases = self.release_steps()
+        failed = False
+        for release in releases:
             answer = yield release
-            if answer.error is None:
-                for sh in self._to_release:
-                    self.rows.pop(shard_row(s.name, sh), None)
-                self._to_release.clear()
+            failed |= answer.error is not None
+        if releases and not failed:  # a failed one: all again next time (harmless twice)
+            for sh in self._to_release:
+                self.rows.pop(shard_row(s.name, sh), None)
+            self._to_release.clear()
         budget = now + s.interval / 4  # takes beyond it wait for the next check (right away)
         last = now
         for sh in take:
@@ -347,40 +354,42 @@ class SetCore:
             self._took(sh, answer, renewal=False)
         return self._delay(last)
 
-    def final(self) -> Step | None:
+    def final(self) -> list[Step]:
         """At close, after the last check: release every shard and the membership."""
+        self._revoke(list(self.tenures))
         keys = [(shard_row(self.settings.name, sh), tok) for sh, tok in self._to_release.items()]
         if self.member is not None:
             keys.append((self._member_row, self.member[0]))
             self.member = None
         self._to_release.clear()
-        if not keys:
-            return None
         return self._release_keys(keys)
 
-    def release_step(self) -> Step | None:
-        """One statement releasing every tenure given up (None when there is none)."""
-        if not self._to_release:
-            return None
+    def release_steps(self) -> list[Step]:
+        """The statements releasing every tenure given up (one per BATCH_SIZE)."""
         name = self.settings.name
         keys = [(shard_row(name, sh), tok) for sh, tok in self._to_release.items()]
         return self._release_keys(keys)
 
-    def _release_keys(self, keys: list[tuple[str, int]]) -> Step:
+    def _release_keys(self, keys: list[tuple[str, int]]) -> list[Step]:
         process = self.settings.process
-        params = {"p_keys": [(n, process, tok) for n, tok in keys]}
-        return Step("release", self.release_many, params)
+        return [
+            Step("release", self.release_many, {
+                "p_keys": [(n, process, tok) for n, tok in keys[start : start + BATCH_SIZE]]
+            })
+            for start in range(0, len(keys), BATCH_SIZE)
+        ]
 
     # -- results ----------------------------------------------------------------------------
 
     def _renewed(
-        self, names: set[str], exact: bool, t_sent: float, t_done: float
+        self, names: set[str], asked: set[str], exact: bool, t_sent: float, t_done: float
     ) -> list[Shard]:
-        """Account for the batch (``exact``: ``names`` are exactly the rows it renewed, not
-        "all or nothing" from a count); returns the shards it could not confirm."""
+        """Account for one renewal statement of the rows ``asked`` (``exact``: ``names`` are
+        exactly the rows it renewed, not "all or nothing" from a count); returns the shards
+        it could not confirm."""
         s = self.settings
         late = t_sent + s.lease <= t_done
-        if self.member is not None:
+        if self.member is not None and self._member_row in asked:
             if self._member_row in names and not late:
                 self.member = (self.member[0], t_sent + s.lease)
             elif exact or late:
@@ -389,6 +398,8 @@ class SetCore:
         unconfirmed: list[Shard] = []
         lost: list[Shard] = []
         for sh, (tok, _) in list(self.tenures.items()):
+            if shard_row(s.name, sh) not in asked:
+                continue
             if shard_row(s.name, sh) in names:
                 if late:
                     lost.append(sh)
@@ -467,6 +478,9 @@ class SetCore:
                 self._revoke([sh])
             return
         known = self.tenures.get(sh)
+        if self.closed:  # closed meanwhile: never believed, given back at once
+            self._to_release[sh] = outcome.token
+            return
         if renewal and (known is None or known[0] != outcome.token):
             self._revoke([sh])
             self._to_release[sh] = outcome.token
