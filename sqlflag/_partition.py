@@ -20,7 +20,7 @@ import hashlib
 import logging
 import math
 import random
-from collections.abc import Generator, Iterable, Sequence
+from collections.abc import Generator, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -71,9 +71,9 @@ def quota(members: Sequence[str], me: str, k: int) -> int:
     return k // n + (1 if rank < k % n else 0)
 
 
-def assign(
+def assign(  # noqa: PLR0917
     members: Sequence[str], me: str, shards: Sequence[Shard], mine: Iterable[Shard],
-    free: Iterable[Shard],
+    free: Iterable[Shard], scores: Mapping[Shard, int] | None = None,
 ) -> tuple[list[Shard], list[Shard]]:
     """``(take, give_up)`` for ``me``: sticky quotas.
 
@@ -83,20 +83,26 @@ def assign(
         shards: every shard of the set.
         mine: the shards ``me`` owns now.
         free: the shards nobody holds (no valid lease); never one held by a live owner.
+        scores: ``score(shard, me)`` by shard, when the caller keeps them (they never change).
 
     A member over its quota gives up its lowest-scored shards; one under it takes the
     highest-scored free shards, as many as it lacks (or as are free).
     """
     owned = list(mine)
+
+    def rank(s: Shard) -> int:
+        return scores[s] if scores is not None else score(s, me)
+
     q = quota(members, me, len(shards))
     if len(owned) > q:
-        ranked = sorted(owned, key=lambda s: (score(s, me), str(s)))
+        ranked = sorted(owned, key=lambda s: (rank(s), str(s)))
         return [], ranked[: len(owned) - q]
     wanted = q - len(owned)
     if wanted <= 0:
         return [], []
+    mine_set = set(owned)
     candidates = sorted(
-        (s for s in free if s not in set(owned)), key=lambda s: (-score(s, me), str(s))
+        (s for s in free if s not in mine_set), key=lambda s: (-rank(s), str(s))
     )
     return candidates[:wanted], []
 
@@ -145,6 +151,8 @@ class SetCore:
         self.log = logger
         self._rng = rng or random.Random()
         self._by_row = {shard_row(settings.name, s): s for s in self.shards}
+        self._rows = {s: shard_row(settings.name, s) for s in self.shards}
+        self._scores = {s: score(s, settings.process) for s in self.shards}
         self._member_row = member_row(settings.name, settings.process)
         self._member_prefix = settings.name + MEMBER
         lo, hi = name_range(settings.name)
@@ -326,7 +334,9 @@ class SetCore:
                 sh for sh in self.shards
                 if sh not in self.tenures and self._free(shard_row(s.name, sh))
             ]
-            take, give_up = assign(self.members, s.process, self.shards, self.owned(now), free)
+            take, give_up = assign(
+                self.members, s.process, self.shards, self.owned(now), free, self._scores
+            )
             if give_up:
                 self.log.info(
                     "flag set %r: process %r gives up shard(s) %s to rebalance", s.name,
