@@ -249,7 +249,7 @@ class SetCore:
         keys: list[tuple[str, str, int]] = []
         if self.member is not None:
             keys.append((self._member_row, s.process, self.member[0]))
-        keys += [(shard_row(s.name, sh), s.process, tok) for sh, (tok, _) in self.tenures.items()]
+        keys += [(self._rows[sh], s.process, tok) for sh, (tok, _) in self.tenures.items()]
         unconfirmed: list[Shard] = []
         member_unconfirmed = False
         for start in range(0, len(keys), BATCH_SIZE):
@@ -331,8 +331,7 @@ class SetCore:
         take: list[Shard] = []
         if self.is_member(now) and not self.closed:
             free = [
-                sh for sh in self.shards
-                if sh not in self.tenures and self._free(shard_row(s.name, sh))
+                sh for sh in self.shards if sh not in self.tenures and self._free(self._rows[sh])
             ]
             take, give_up = assign(
                 self.members, s.process, self.shards, self.owned(now), free, self._scores
@@ -407,14 +406,17 @@ class SetCore:
             # else: a count mismatch; the old deadline stands and the read decides
         unconfirmed: list[Shard] = []
         lost: list[Shard] = []
-        for sh, (tok, _) in list(self.tenures.items()):
-            if shard_row(s.name, sh) not in asked:
+        deadline = t_sent + s.lease
+        for name in asked:
+            sh = self._by_row.get(name)
+            tenure = None if sh is None else self.tenures.get(sh)
+            if sh is None or tenure is None:
                 continue
-            if shard_row(s.name, sh) in names:
+            if name in names:
                 if late:
                     lost.append(sh)
                 else:
-                    self.tenures[sh] = (tok, t_sent + s.lease)
+                    self.tenures[sh] = (tenure[0], deadline)
             elif exact or names:
                 lost.append(sh)
             else:
@@ -429,7 +431,7 @@ class SetCore:
 
     def _observe(self, result: Any) -> None:
         rows: dict[str, Row] = {}
-        for name, holder, token, left in result:
+        for name, holder, token, left in result.all():  # one fetch, not one per row
             rows[name] = Row(holder, as_token(token), as_seconds(left))
         self.rows = rows
         self.members = tuple(sorted(
@@ -452,7 +454,7 @@ class SetCore:
             self._revoke(stolen)
 
     def _held_by_me(self, sh: Shard) -> bool:
-        row = self.rows.get(shard_row(self.settings.name, sh))
+        row = self.rows.get(self._rows[sh])
         tenure = self.tenures.get(sh)
         return (
             row is not None and tenure is not None
@@ -527,12 +529,19 @@ class SetCore:
             self.members, s.process, len(self.shards)
         ):
             lefts = [
-                self.rows[shard_row(s.name, sh)].left or 0.0 for sh in self.shards
-                if sh not in self.tenures and shard_row(s.name, sh) in self.rows
+                self.rows[self._rows[sh]].left or 0.0 for sh in self.shards
+                if sh not in self.tenures and self._rows[sh] in self.rows
             ]
             soon = [x for x in lefts if x > 0]
             if soon:
                 delay = min(delay, min(soon) * (1 + 0.01) + 0.002)
+        # Always early enough that the renewals, each taking its whole timeout, still land
+        # before the first local deadline (a long check of many takes shortens the wait).
+        held = len(self.tenures) + (self.member is not None)
+        if held:
+            statements = -(-held // BATCH_SIZE)
+            latest = self.next_deadline() - now - s.timeout * statements
+            delay = min(delay, max(latest, s.interval / 20))
         return delay
 
     def _jittered(self, base: float) -> float:

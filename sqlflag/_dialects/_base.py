@@ -180,7 +180,7 @@ class Database(abc.ABC):
 
     def renewed(self, result: CursorResult[Any], asked: int) -> set[str] | None:
         """Names renewed by :attr:`renew_many`; None when the dialect cannot tell which."""
-        return {row[0] for row in result}
+        return {row[0] for row in result.all()}  # one fetch, not one per row
 
     @abc.abstractmethod
     def build_ensure_row(self) -> sa.Executable:
