@@ -133,6 +133,13 @@ def make_set(k: int = 4, interval: float = 10.0) -> SetCore:
     return SetCore(settings, list(range(k)), DIALECT, logging.getLogger(LOGGER), Extreme())
 
 
+class Rows(list[tuple[Any, ...]]):
+    """What the read's result looks like to the core: rows, fetched at once by ``all()``."""
+
+    def all(self) -> list[tuple[Any, ...]]:
+        return list(self)
+
+
 def row(name: str, holder: str | None, token: int, left: float) -> tuple[Any, ...]:
     return (name, holder, token, left)
 
@@ -148,6 +155,8 @@ def run(core: SetCore, now: float, answers: list[Any], rtt: float = 0.01) -> tup
         while True:
             steps += 1
             result = answers.pop(0)
+            if isinstance(result, list):
+                result = Rows(result)
             step = gen.send(Answer(t, t + rtt, result))
             t += rtt
     except StopIteration as stop:
