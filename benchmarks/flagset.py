@@ -246,7 +246,13 @@ def main(argv: list[str] | None = None) -> int:
     with database(args.url) as url, tempfile.TemporaryDirectory() as tmp:
         for k in (int(x) for x in args.shards.split(",")):
             for n in (int(x) for x in args.members.split(",")):
-                r = run_one(url, k, n, interval=args.interval, window=args.window, tmp=Path(tmp))
+                try:
+                    r = run_one(
+                        url, k, n, interval=args.interval, window=args.window, tmp=Path(tmp)
+                    )
+                except RuntimeError as exc:  # never balanced: say so, go on with the rest
+                    print(f"| {k} | {n} | {exc} | | | | |", flush=True)
+                    continue
                 print(
                     f"| {k} | {n} | {r['stmts']:.2f} | {r['cpu'] * 100:.1f}% | "
                     f"{r['join']:.2f} | {r['leave']:.2f} | {r['crash']:.2f} |", flush=True,
