@@ -161,6 +161,7 @@ class SetCore:
             dialect.name_range(t.c.name, sa.bindparam("p_lo"), sa.bindparam("p_hi"))
         )
         self.release_many = release_many(dialect)
+        self.take_many = take_many(dialect)
         #: shard -> (token, local deadline): what this member believes it owns.
         self.tenures: dict[Shard, tuple[int, float]] = {}
         self.member: tuple[int, float] | None = None  # our membership (token, deadline)
@@ -351,8 +352,31 @@ class SetCore:
             for sh in self._to_release:
                 self.rows.pop(shard_row(s.name, sh), None)
             self._to_release.clear()
-        budget = now + s.interval / 4  # takes beyond it wait for the next check (right away)
         last = now
+        if take and self.take_many is not None:
+            # Every free shard wanted, in one statement per BATCH_SIZE (rows that did not
+            # come back were taken by someone else meanwhile, or need the single take).
+            for start in range(0, len(take), BATCH_SIZE):
+                batch = take[start : start + BATCH_SIZE]
+                params = {
+                    "p_names": [self._rows[sh] for sh in batch],
+                    "p_process": s.process,
+                    "p_interval": self.dialect.interval_param(s.interval),
+                }
+                answer = yield Step("check", self.take_many, params)
+                if answer.error is not None:
+                    return self._failed(answer)
+                try:
+                    got = {name: as_token(tok) for name, tok in answer.result.all()}
+                except InvalidRow as exc:
+                    return self._failed(Answer(answer.t_sent, answer.t_done, error=exc))
+                for sh in batch:
+                    granted = got.get(self._rows[sh])
+                    if granted is not None:
+                        self._granted(sh, granted, answer, renewal=False)
+                last = answer.t_done
+            take = [sh for sh in take if sh not in self.tenures and self._stale_timeline(sh)]
+        budget = now + s.interval / 4  # takes beyond it wait for the next check (right away)
         for sh in take:
             if last > budget:
                 return 0.0
@@ -461,6 +485,13 @@ class SetCore:
             and row.holder == self.settings.process and row.token == tenure[0]
         )
 
+    def _stale_timeline(self, sh: Shard) -> bool:
+        """PostgreSQL: a free row whose token is below the server's timeline range is not
+        taken by the batched take (the single check carries it over, see the dialect). We
+        cannot tell the range here, so every free row the batch left gets its own check
+        only on PostgreSQL; elsewhere the batch covers every free row."""
+        return self.dialect.name == "postgresql"
+
     def _free(self, name: str) -> bool:
         row = self.rows.get(name)
         return row is not None and (row.left is None or row.left <= 0)
@@ -478,27 +509,31 @@ class SetCore:
             return None
 
     def _took(self, sh: Shard, answer: Answer, renewal: bool) -> None:
-        s = self.settings
         outcome = self._parse(answer)
         if outcome is None or not outcome.won or outcome.token is None:
             if renewal:
                 self._revoke([sh])
             return
+        self._granted(sh, outcome.token, answer, renewal)
+
+    def _granted(self, sh: Shard, token: int, answer: Answer, renewal: bool) -> None:
+        """``sh`` is ours with ``token`` by the statement ``answer`` answers."""
+        s = self.settings
         if answer.t_sent + s.lease <= answer.t_done:  # came back too late to believe
-            self._to_release[sh] = outcome.token
+            self._to_release[sh] = token
             if renewal:
                 self._revoke([sh])
             return
         known = self.tenures.get(sh)
         if self.closed:  # closed meanwhile: never believed, given back at once
-            self._to_release[sh] = outcome.token
+            self._to_release[sh] = token
             return
-        if renewal and (known is None or known[0] != outcome.token):
+        if renewal and (known is None or known[0] != token):
             self._revoke([sh])
-            self._to_release[sh] = outcome.token
+            self._to_release[sh] = token
             return
-        self.tenures[sh] = (outcome.token, answer.t_sent + s.lease)
-        self.rows[shard_row(s.name, sh)] = Row(s.process, outcome.token, s.interval)
+        self.tenures[sh] = (token, answer.t_sent + s.lease)
+        self.rows[self._rows[sh]] = Row(s.process, token, s.interval)
         if not renewal:
             self._changes.append(Change(True, frozenset([sh])))
 
@@ -547,6 +582,34 @@ class SetCore:
     def _jittered(self, base: float) -> float:
         j = self.settings.jitter
         return base * (1 + self._rng.uniform(-j, j)) if j else base
+
+
+def take_many(dialect: Database) -> sa.Executable | None:
+    """Take many free shards at once (``p_names``), where UPDATE has RETURNING: each expired
+    row gets this process as holder, the next token and a new lease; returns ``(name,
+    token)`` of the rows taken. None on MySQL/MariaDB (no RETURNING): one check per shard.
+
+    On PostgreSQL only rows of the server's current timeline are taken (a row from before a
+    promotion must be carried over first, which the single check does)."""
+    if dialect.name not in ("postgresql", "sqlite"):
+        return None
+    cond = [t.c.name.in_(sa.bindparam("p_names", expanding=True)), t.c.expires_at <= dialect.now()]
+    if dialect.name == "postgresql":
+        from ._dialects.postgresql import timeline_floor
+
+        cond.append(t.c.token >= sa.select(timeline_floor()).scalar_subquery())
+    return (
+        sa.update(t)
+        .where(*cond)
+        .ordered_values(
+            (t.c.token, t.c.token + 1),
+            (t.c.acquired_at, dialect.now()),
+            (t.c.holder, sa.bindparam("p_process")),
+            (t.c.renewed_at, dialect.now()),
+            (t.c.expires_at, dialect.later()),
+        )
+        .returning(t.c.name, t.c.token)
+    )
 
 
 def release_many(dialect: Database) -> sa.Executable:

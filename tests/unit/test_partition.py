@@ -169,23 +169,32 @@ def test_join_take_then_a_shard_is_believed_only_until_its_local_deadline() -> N
     free = [row(member_row("s", "p1"), None, 0, -1.0)] + [
         row(shard_row("s", i), None, 0, -1.0) for i in range(2)
     ]
-    # Read, join (won), take both shards (won, tokens 7 and 9).
-    _, steps = run(core, T0, [free, Outcome(won=True, token=1), Outcome(won=True, token=7),
-                              Outcome(won=True, token=9)])
-    assert steps == 4
+    # Read, join (won), take both shards in one statement (tokens 7 and 9).
+    took = [(shard_row("s", 0), 7), (shard_row("s", 1), 9)]
+    _, steps = run(core, T0, [free, Outcome(won=True, token=1), took])
+    assert steps == 3
     assert core.members == ("p1",)
     assert core.owned(T0 + 1) == frozenset({0, 1})
-    assert {core.token(0, T0 + 1), core.token(1, T0 + 1)} == {7, 9}
+    assert (core.token(0, T0 + 1), core.token(1, T0 + 1)) == (7, 9)
     changes = core.take_changes()
-    assert [c.assigned for c in changes] == [True, True]
+    assert all(c.assigned for c in changes)
+    assert frozenset().union(*(c.shards for c in changes)) == {0, 1}
     lease = core.settings.lease
-    # No renewal: each shard is believed until its take was sent (T0 + 0.02, T0 + 0.03)
-    # plus the lease, and not a moment longer.
+    # No renewal: each shard is believed until the take was sent (T0 + 0.02) plus the
+    # lease, and not a moment longer.
     assert len(core.owned(T0 + 0.02 + lease - 0.001)) == 2
-    assert len(core.owned(T0 + 0.02 + lease)) == 1
-    assert core.owned(T0 + 0.03 + lease) == frozenset()
+    assert core.owned(T0 + 0.02 + lease) == frozenset()
     core.expire(T0 + 0.05 + lease)
     assert core.take_changes()[0].shards == frozenset({0, 1})
+
+
+def test_a_shard_the_batched_take_did_not_return_is_not_owned() -> None:
+    core = make_set(k=2)
+    free = [row(member_row("s", "p1"), None, 0, -1.0)] + [
+        row(shard_row("s", i), None, 0, -1.0) for i in range(2)
+    ]
+    run(core, T0, [free, Outcome(won=True, token=1), [(shard_row("s", 1), 4)]])
+    assert core.owned(T0 + 1) == frozenset({1})
 
 
 def test_steady_state_is_two_statements_whatever_k() -> None:
@@ -195,7 +204,7 @@ def test_steady_state_is_two_statements_whatever_k() -> None:
         row(shard_row("s", i), None, 0, -1.0) for i in range(k)
     ]
     answers: list[Any] = [rows, Outcome(won=True, token=1)]
-    answers += [Outcome(won=True, token=i + 1) for i in range(k)]
+    answers.append([(shard_row("s", i), i + 1) for i in range(k)])
     run(core, T0, answers, rtt=0.0001)
     assert len(core.owned(T0 + 0.1)) == k
     held = [row(member_row("s", "p1"), "p1", 1, 10.0)] + [
@@ -213,7 +222,7 @@ def test_a_member_gives_up_its_excess_when_another_joins() -> None:
     base = [row(member_row("s", "p1"), None, 0, -1.0)] + [
         row(shard_row("s", i), None, 0, -1.0) for i in range(4)
     ]
-    run(core, T0, [base, Outcome(won=True, token=1)] + [Outcome(won=True, token=1)] * 4)
+    run(core, T0, [base, Outcome(won=True, token=1), [(shard_row("s", i), 1) for i in range(4)]])
     core.take_changes()
     names = {member_row("s", "p1")} | {shard_row("s", i) for i in range(4)}
     held = [row(member_row("s", "p1"), "p1", 1, 10.0), row(member_row("s", "p0"), "p0", 1, 10.0)]
