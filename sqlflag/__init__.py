@@ -8,14 +8,20 @@ from ._guard import guard, guard_async
 from ._inspect import FlagState, inspect, inspect_async
 from ._migrate import migrations_path
 from ._schema import metadata, table
+from ._setbuilder import FlagSetBuilder, new_flag_set
 from .shells._async import AsyncFlag
+from .shells._set_async import AsyncFlagSet
+from .shells._set_sync import FlagSet
 from .shells._sync import Flag
 
 __all__ = [
     "AsyncFlag",
+    "AsyncFlagSet",
     "ConfigurationError",
     "Flag",
     "FlagBuilder",
+    "FlagSet",
+    "FlagSetBuilder",
     "FlagState",
     "Health",
     "NotLeaderError",
@@ -29,6 +35,7 @@ __all__ = [
     "metadata",
     "migrations_path",
     "new_flag",
+    "new_flag_set",
     "table",
 ]
 __version__ = "0.1.0"

@@ -98,20 +98,11 @@ def timing(interval: Any = None, timeout: Any = None) -> tuple[float, float]:
     return seconds, bound
 
 
-class FlagBuilder(Generic[FlagT]):
-    """Collects a flag's configuration; every method returns the builder.
+class CommonBuilder:
+    """What a flag's and a flag set's builders share: every setter returns the builder and
+    nothing is checked before ``build()``."""
 
-    Nothing is checked until :meth:`build` (or :meth:`build_async`), which raises
-    :class:`ConfigurationError` or :class:`SchemaError` before any background work starts.
-
-    For type checkers the builder is generic in the flag it makes: :meth:`handle` given an
-    ``Engine`` gives a ``FlagBuilder[Flag]`` (callbacks take a ``Flag``, the precheck is a plain
-    function, only :meth:`build` is allowed), given an ``AsyncEngine`` a
-    ``FlagBuilder[AsyncFlag]`` (callbacks take an ``AsyncFlag``, the precheck may be a coroutine
-    function, only :meth:`build_async`). Call ``handle()`` first to get that checking.
-    """
-
-    def __init__(self: FlagBuilder[Any]) -> None:
+    def __init__(self) -> None:
         self._handle: Any = None
         self._name: Any = None
         self._process: Any = None
@@ -121,28 +112,9 @@ class FlagBuilder(Generic[FlagT]):
         self._logger: Any = None
         self._registry: Any = None
         self._subsystem: Any = ""
-        self._precheck: Any = None
-        self._on_raised: list[Any] = []
-        self._on_lowered: list[Any] = []
         self._create_table = False
         self._listen = True
         self._schema: Any = None
-
-    @overload
-    def handle(self, value: sa.Engine) -> FlagBuilder[Flag]: ...
-    @overload
-    def handle(self, value: AsyncEngine) -> FlagBuilder[AsyncFlag]: ...
-    def handle(self, value: sa.Engine | AsyncEngine) -> FlagBuilder[Any]:
-        """The database to elect on. Mandatory.
-
-        Args:
-            value: a SQLAlchemy ``Engine`` (then call :meth:`build`, which returns a
-                :class:`sqlflag.Flag`) or ``AsyncEngine`` (then :meth:`build_async`, an
-                :class:`sqlflag.AsyncFlag`). sqlflag takes one long-lived connection of its
-                own from the engine's pool per engine and never returns it.
-        """
-        self._handle = value
-        return self
 
     def name(self, value: str) -> Self:
         """The flag's name, shared by every process that competes for it. Mandatory.
@@ -228,40 +200,6 @@ class FlagBuilder(Generic[FlagT]):
         self._subsystem = value
         return self
 
-    @overload
-    def precheck(
-        self: FlagBuilder[AsyncFlag], value: Callable[[], bool | Awaitable[bool]]
-    ) -> FlagBuilder[AsyncFlag]: ...
-    @overload
-    def precheck(self, value: Callable[[], bool]) -> Self: ...
-    def precheck(self, value: Callable[[], bool | Awaitable[bool]]) -> FlagBuilder[Any]:
-        """Asked before every check: False (or an exception) means do not lead.
-
-        Args:
-            value: ``() -> bool``; for :meth:`build_async` also a coroutine function
-                (awaited, bounded by ``interval / 2``).
-        """
-        self._precheck = value
-        return self
-
-    def on_raised(self, value: Callable[[FlagT], object]) -> Self:
-        """Called with the flag each time it is raised; may be given several times.
-
-        Args:
-            value: ``(flag) -> None``; for :meth:`build_async` also a coroutine function.
-        """
-        self._on_raised.append(value)
-        return self
-
-    def on_lowered(self, value: Callable[[FlagT], object]) -> Self:
-        """Called with the flag each time it is lowered; may be given several times.
-
-        Args:
-            value: ``(flag) -> None``; for :meth:`build_async` also a coroutine function.
-        """
-        self._on_lowered.append(value)
-        return self
-
     def create_table(self, value: bool = True) -> Self:
         """Create the table if it is missing (development and tests; in production run
         ``sqlflag migrate`` or an Alembic revision).
@@ -298,9 +236,8 @@ class FlagBuilder(Generic[FlagT]):
         self._schema = value
         return self
 
-    # -- building ---------------------------------------------------------------------------
-
-    def _settings(self) -> Settings:
+    def _common(self) -> Settings:
+        """The shared settings, validated (ConfigurationError otherwise)."""
         if self._handle is None:
             raise ConfigurationError("handle is mandatory")
         name = _text("name", self._name)
@@ -311,14 +248,6 @@ class FlagBuilder(Generic[FlagT]):
             raise ConfigurationError(f"jitter must be a number; got {jitter!r}")
         if not 0 <= jitter < 1:
             raise ConfigurationError(f"jitter must be at least 0 and less than 1; got {jitter!r}")
-        if self._precheck is not None and not callable(self._precheck):
-            raise ConfigurationError(f"precheck must be callable; got {self._precheck!r}")
-        # None is no callback: on_raised(None) would only fail later, in the loop.
-        for field, fn in [("on_raised", f) for f in self._on_raised] + [
-            ("on_lowered", f) for f in self._on_lowered
-        ]:
-            if not callable(fn):
-                raise ConfigurationError(f"{field} must be callable; got {fn!r}")
         if self._logger is not None and not isinstance(
             self._logger, logging.Logger | logging.LoggerAdapter
         ):
@@ -346,6 +275,90 @@ class FlagBuilder(Generic[FlagT]):
                 "use a file database (sqlite:///path.db) so processes can share the flag"
             )
         return ops
+
+
+class FlagBuilder(CommonBuilder, Generic[FlagT]):
+    """Collects a flag's configuration; every method returns the builder.
+
+    Nothing is checked until :meth:`build` (or :meth:`build_async`), which raises
+    :class:`ConfigurationError` or :class:`SchemaError` before any background work starts.
+
+    For type checkers the builder is generic in the flag it makes: :meth:`handle` given an
+    ``Engine`` gives a ``FlagBuilder[Flag]`` (callbacks take a ``Flag``, the precheck is a plain
+    function, only :meth:`build` is allowed), given an ``AsyncEngine`` a
+    ``FlagBuilder[AsyncFlag]`` (callbacks take an ``AsyncFlag``, the precheck may be a coroutine
+    function, only :meth:`build_async`). Call ``handle()`` first to get that checking.
+    """
+
+    def __init__(self: FlagBuilder[Any]) -> None:
+        super().__init__()
+        self._precheck: Any = None
+        self._on_raised: list[Any] = []
+        self._on_lowered: list[Any] = []
+
+    @overload
+    def handle(self, value: sa.Engine) -> FlagBuilder[Flag]: ...
+    @overload
+    def handle(self, value: AsyncEngine) -> FlagBuilder[AsyncFlag]: ...
+    def handle(self, value: sa.Engine | AsyncEngine) -> FlagBuilder[Any]:
+        """The database to elect on. Mandatory.
+
+        Args:
+            value: a SQLAlchemy ``Engine`` (then call :meth:`build`, which returns a
+                :class:`sqlflag.Flag`) or ``AsyncEngine`` (then :meth:`build_async`, an
+                :class:`sqlflag.AsyncFlag`). sqlflag takes one long-lived connection of its
+                own from the engine's pool per engine and never returns it.
+        """
+        self._handle = value
+        return self
+
+    @overload
+    def precheck(
+        self: FlagBuilder[AsyncFlag], value: Callable[[], bool | Awaitable[bool]]
+    ) -> FlagBuilder[AsyncFlag]: ...
+    @overload
+    def precheck(self, value: Callable[[], bool]) -> Self: ...
+    def precheck(self, value: Callable[[], bool | Awaitable[bool]]) -> FlagBuilder[Any]:
+        """Asked before every check: False (or an exception) means do not lead.
+
+        Args:
+            value: ``() -> bool``; for :meth:`build_async` also a coroutine function
+                (awaited, bounded by ``interval / 2``).
+        """
+        self._precheck = value
+        return self
+
+    def on_raised(self, value: Callable[[FlagT], object]) -> Self:
+        """Called with the flag each time it is raised; may be given several times.
+
+        Args:
+            value: ``(flag) -> None``; for :meth:`build_async` also a coroutine function.
+        """
+        self._on_raised.append(value)
+        return self
+
+    def on_lowered(self, value: Callable[[FlagT], object]) -> Self:
+        """Called with the flag each time it is lowered; may be given several times.
+
+        Args:
+            value: ``(flag) -> None``; for :meth:`build_async` also a coroutine function.
+        """
+        self._on_lowered.append(value)
+        return self
+
+    # -- building ---------------------------------------------------------------------------
+
+    def _settings(self) -> Settings:
+        settings = self._common()
+        if self._precheck is not None and not callable(self._precheck):
+            raise ConfigurationError(f"precheck must be callable; got {self._precheck!r}")
+        # None is no callback: on_raised(None) would only fail later, in the loop.
+        for field, fn in [("on_raised", f) for f in self._on_raised] + [
+            ("on_lowered", f) for f in self._on_lowered
+        ]:
+            if not callable(fn):
+                raise ConfigurationError(f"{field} must be callable; got {fn!r}")
+        return settings
 
     def _core(self, settings: Settings, ops: Database) -> FlagCore:
         logger = self._logger or logging.getLogger("sqlflag")

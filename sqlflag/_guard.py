@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from typing import Any
+from typing import Any, NamedTuple
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -94,18 +94,58 @@ async def guard_flag_async(
     await conn.run_sync(_flag_check, flag, url, schema)
 
 
+class ShardTenure(NamedTuple):
+    """One shard's tenure as a flag set sees it locally (``token`` None: not owned)."""
+
+    row: str  #: the shard's row name
+    token: int | None
+    process: str
+    what: str  #: how messages name it
+
+
+def guard_shard(connection: Guarded, shard: ShardTenure, url: sa.URL, schema: str | None) -> None:
+    """``FlagSet.guard``: one shard's tenure, on the set's database (``url``)."""
+    conn = _sync_connection(connection, "`await flag_set.guard(...)` of an AsyncFlagSet")
+    _shard_check(conn, shard, url, schema)
+
+
+async def guard_shard_async(
+    connection: AsyncGuarded, shard: ShardTenure, url: sa.URL, schema: str | None
+) -> None:
+    """``AsyncFlagSet.guard``."""
+    conn = await _async_connection(connection, "the sync FlagSet's guard()")
+    await conn.run_sync(_shard_check, shard, url, schema)
+
+
 # -- the check ----------------------------------------------------------------------------
 
 
 def _flag_check(conn: sa.Connection, flag: FlagBase, url: sa.URL, schema: str | None) -> None:
+    _on_database(conn, f"flag {flag.name!r}", url)
+    _run(conn, flag.name, local_token(flag), flag.process, schema)
+
+
+def _shard_check(
+    conn: sa.Connection, shard: ShardTenure, url: sa.URL, schema: str | None
+) -> None:
+    _on_database(conn, shard.what, url)
+    if shard.token is None:
+        raise NotLeaderError(
+            f"{shard.what} is not owned by process {shard.process!r}: not guarding",
+            shard.row, None, shard.process,
+        )
+    _run(conn, shard.row, shard.token, shard.process, schema)
+
+
+def _on_database(conn: sa.Connection, what: str, url: sa.URL) -> None:
+    """Refuse a connection outside a transaction, or on another database than ``url``."""
     _in_transaction(conn)
     if not same_database(url, conn.engine.url):
         raise ConfigurationError(
-            f"guard of flag {flag.name!r}: the connection is on {_show(conn.engine.url)}, "
+            f"guard of {what}: the connection is on {_show(conn.engine.url)}, "
             f"the flag on {_show(url)}: a guard locks the flag's row, so it must run on the "
             "flag's database, in the transaction of the writes it guards"
         )
-    _run(conn, flag.name, local_token(flag), flag.process, schema)
 
 
 def local_token(flag: FlagBase) -> int:

@@ -216,3 +216,31 @@ def test_server_restart(dialect, tmp_path):
     _show(f"{dialect} server restart", result)
     assert result.faults["server_restart"] == 1
     _assert_clean(result, {"server_restart", "kill", "term"})
+
+
+# -- a FlagSet under the same faults --------------------------------------------------------
+
+
+def test_short_flagset_fault_run(dialect, tmp_path):
+    """Workers are members of one FlagSet of 8 shards (sync); each shard is judged as a
+    flag: per-shard exclusivity, token order, no stale read after a pause."""
+    faults = DEFAULT_FAULTS
+    result = run(Config(
+        dialect=dialect, duration=SHORT / 2, faults=faults, gap=GAP, flags=8, flagset=True,
+        out_dir=str(tmp_path),
+    ))
+    _show(f"{dialect} flagset", result)
+    expected = set(faults) if dialect != "sqlite" else set(faults) - set(NETWORK_FAULTS)
+    _assert_clean(result, expected)
+
+
+def test_harness_catches_a_broken_flagset(tmp_path):
+    """Negative control: members that believe a shard 3.5 times longer than the database
+    grants it are caught (SQLite, pauses)."""
+    result = run(Config(
+        dialect="sqlite", duration=30, faults=("pause",), sabotage="lease", gap=(0.3, 1.0),
+        seed=7, flags=4, flagset=True, out_dir=str(tmp_path),
+    ))
+    _show("flagset sabotage=lease", result)
+    kinds = {v.kind for v in result.report.violations}
+    assert kinds & {"overlap", "stale_after_pause", "token_order"}, result.summary()

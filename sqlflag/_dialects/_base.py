@@ -182,7 +182,7 @@ class Database(abc.ABC):
 
     def renewed(self, result: CursorResult[Any], asked: int) -> set[str] | None:
         """Names renewed by :attr:`renew_many`; None when the dialect cannot tell which."""
-        return {row[0] for row in result}
+        return {row[0] for row in result.all()}  # one fetch, not one per row
 
     # -- the guard (sqlflag.guard, flag.guard) ----------------------------------------------
 
@@ -220,6 +220,13 @@ class Database(abc.ABC):
 
     def ensure_values(self) -> dict[str, Any]:
         return {"name": sa.bindparam("p_name"), "token": 0, "expires_at": self.now()}
+
+    def name_range(
+        self, column: sa.ColumnElement[Any], lo: sa.ColumnElement[Any], hi: sa.ColumnElement[Any]
+    ) -> sa.ColumnElement[bool]:
+        """``lo <= column < hi``, comparing names byte for byte (a flag set's rows: every name
+        with one prefix). SQLite's default and MySQL/MariaDB's NO PAD binary collation do."""
+        return sa.and_(column >= lo, column < hi)
 
     def build_inspect(self) -> sa.Select[Any]:
         return sa.select(

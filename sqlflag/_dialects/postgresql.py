@@ -155,6 +155,13 @@ class PostgreSQL(Database):
             "AND i.indexprs IS NULL AND a.attname = 'token' LIMIT 1"
         ).bindparams(p_table=table)
 
+    def name_range(
+        self, column: sa.ColumnElement[Any], lo: sa.ColumnElement[Any], hi: sa.ColumnElement[Any]
+    ) -> sa.ColumnElement[bool]:
+        # The database's collation may order "a/1" after "a0" (en_US ignores punctuation at
+        # first): compare as "C", byte for byte.
+        return sa.and_(column.collate("C") >= lo, column.collate("C") < hi)
+
     def build_renew_many(self) -> sa.Executable:
         # Three array parameters instead of an expanding IN of 3 x N scalars: the statement
         # text is the same for any N, so neither SQLAlchemy nor the driver re-renders it.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import sys
 import time
 from collections.abc import Sequence
@@ -100,6 +101,72 @@ def render_table(states: Sequence[FlagState], released: set[str]) -> str:
     return "\n".join(lines)
 
 
+#: A flag set's rows (see docs/sharding.md): ``{set}/member/{process}``, ``{set}/shard/{s}``;
+#: a set's name has no ``/``, so the first one ends it.
+SET_ROW = re.compile(r"^(?P<set>[^/]+)/(?P<kind>member|shard)/(?P<key>.+)$", re.DOTALL)
+
+
+def split_sets(
+    states: Sequence[FlagState],
+) -> tuple[list[FlagState], dict[str, dict[str, list[FlagState]]]]:
+    """Plain flags, and the rows of each flag set by set name and kind (member, shard)."""
+    flags: list[FlagState] = []
+    sets: dict[str, dict[str, list[FlagState]]] = {}
+    for state in states:
+        found = SET_ROW.match(state.name)
+        if found is None:
+            flags.append(state)
+        else:
+            kinds = sets.setdefault(found["set"], {"member": [], "shard": []})
+            kinds[found["kind"]].append(state)
+    return flags, sets
+
+
+def _shard_key(state: FlagState) -> tuple[int, int | str]:
+    key = state.name.split("/shard/", 1)[1]
+    return (0, int(key)) if key.isdigit() else (1, key)
+
+
+def _shard_list(keys: list[int | str], limit: int = 12) -> str:
+    text = ", ".join(str(k) for k in keys[:limit])
+    return text + (f", … ({len(keys) - limit} more)" if len(keys) > limit else "")
+
+
+def render_sets(sets: dict[str, dict[str, list[FlagState]]]) -> str:
+    """Per set: its live members and the shards each holds (``(free)``: nobody's)."""
+    blocks = []
+    for name in sorted(sets):
+        members = sorted(m.holder for m in sets[name]["member"] if m.raised and m.holder)
+        shards = sorted(sets[name]["shard"], key=_shard_key)
+        held: dict[str, list[int | str]] = {}
+        for state in shards:
+            owner = state.holder if state.raised and state.holder else "(free)"
+            held.setdefault(owner, []).append(_shard_key(state)[1])
+        header = ["MEMBER", "SHARDS", "HELD"]
+        rows = [header] + [
+            [m, str(len(held.get(m, []))), _shard_list(held.get(m, []))] for m in members
+        ] + [
+            [owner, str(len(keys)), _shard_list(keys)]
+            for owner, keys in sorted(held.items()) if owner not in members
+        ]
+        widths = [max(len(r[i]) for r in rows) for i in range(2)]
+        lines = [f"SET {name}: {len(members)} member(s), {len(shards)} shard(s)"]
+        lines += [
+            f"  {r[0].ljust(widths[0])}  {r[1].rjust(widths[1])}  {r[2]}".rstrip() for r in rows
+        ]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def render(states: Sequence[FlagState], released: set[str]) -> str:
+    """The flags' table, then each flag set's members and shards."""
+    flags, sets = split_sets(states)
+    parts = [render_table(flags, released)] if flags else []
+    if sets:
+        parts.append(render_sets(sets))
+    return "\n\n".join(parts)
+
+
 def as_json(states: Sequence[FlagState]) -> list[dict[str, Any]]:
     out = []
     for state in states:
@@ -127,7 +194,9 @@ def add_parser(subparsers: SubParsers, parents: Sequence[argparse.ArgumentParser
         epilog=(
             "LEASE reads '12.3 s left' while held, 'expired 4.0 s ago' once a holder stopped "
             "renewing (crashed, frozen, cut off), 'released 4.0 s ago' after a graceful "
-            "close, 'never held' for a flag nobody has raised yet. Exit codes: 0 success "
+            "close, 'never held' for a flag nobody has raised yet. Flag sets (rows named "
+            "SET/member/P and SET/shard/S) are shown after the flags: their live members and "
+            "the shards each holds (--json lists their rows as flags). Exit codes: 0 success "
             "(also when --watch is stopped with Ctrl-C), 1 error (bad URL, unreachable "
             "database, missing table), 2 bad command line."
         ),
@@ -162,7 +231,7 @@ def _print_once(
     if args.json:
         print(json.dumps(as_json(states)), file=out)
     elif states:
-        print(render_table(states, released), file=out)
+        print(render(states, released), file=out)
     elif args.name is not None:
         print(f"no flag named {args.name!r} in {safe_url(url)}", file=out)
     else:
@@ -206,7 +275,7 @@ def _watch(engine: sa.Engine, url: sa.URL, args: argparse.Namespace, out: TextIO
             else:
                 try:
                     states, released = read_states(engine, url, args.name, args.schema)
-                    body = render_table(states, released) if states else "no flags yet"
+                    body = render(states, released) if states else "no flags yet"
                 except Exception as exc:
                     if first:
                         raise

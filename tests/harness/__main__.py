@@ -36,6 +36,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     p.add_argument("--gap", default="1,4", help="min,max seconds between faults (1,4)")
     p.add_argument(
+        "--flagset", action="store_true",
+        help="workers are members of one FlagSet with --flags shards (each judged as a flag)",
+    )
+    p.add_argument(
         "--async", dest="use_async", action="store_true",
         help="workers use AsyncFlag (asyncpg, aiomysql, aiosqlite)",
     )
@@ -59,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = Config(
         dialect=args.dialect, duration=args.duration, workers=args.workers,
         interval=args.interval, timeout=args.timeout, jitter=args.jitter, faults=faults,
-        flags=args.flags, use_async=args.use_async, listen=args.listen,
+        flags=args.flags, use_async=args.use_async, flagset=args.flagset, listen=args.listen,
         writes=args.writes, gap=(lo, hi), max_server_restarts=args.server_restart, seed=args.seed,
         server_url=args.server_url, out_dir=args.out, keep=True,
     )

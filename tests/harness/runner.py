@@ -82,6 +82,9 @@ class Config:
     flags: int = 1
     #: workers use AsyncFlag on an AsyncEngine (asyncpg, aiomysql, aiosqlite)
     use_async: bool = False
+    #: workers are members of one FlagSet with ``flags`` shards instead (each shard judged
+    #: like a flag: per-shard exclusivity and token order)
+    flagset: bool = False
     #: workers build with ``listen()`` (PostgreSQL LISTEN/NOTIFY wake-ups)
     listen: bool = False
     server_url: str | None = None
@@ -297,6 +300,7 @@ class Harness:
             ),
             "flags": cfg.flags,
             "async": cfg.use_async,
+            "flagset": cfg.flagset,
             "listen": cfg.listen,
             "record": str(record),
             "log": str(self.out / f"{slot.process}.log"),
@@ -333,7 +337,7 @@ class Harness:
         states: list[sqlflag.FlagState] = []
         for attempt in range(3):  # a busy server may refuse a connection now and then
             try:
-                states = sqlflag.inspect(self.direct, flag_names(self.name, self.cfg.flags)[0])
+                states = sqlflag.inspect(self.direct, self.rows()[0])
                 break
             except Exception:
                 if attempt == 2:
@@ -346,6 +350,12 @@ class Harness:
                     if slot.process == st.holder:
                         return slot
         return None
+
+    def rows(self) -> list[str]:
+        """The rows of the flags table the workers compete for (a FlagSet's shard rows)."""
+        if self.cfg.flagset:
+            return [f"{self.name}/shard/{k}" for k in range(self.cfg.flags)]
+        return flag_names(self.name, self.cfg.flags)
 
     def target(self) -> Slot:
         """Mostly the holder (faults there matter most), sometimes anyone."""
@@ -548,7 +558,7 @@ class Harness:
                 conn.exec_driver_sql("SET lock_timeout = 5000")
             row = conn.execute(
                 sa.text("SELECT token FROM leadership_flags WHERE name = :n FOR UPDATE"),
-                {"n": self.name},
+                {"n": self.rows()[0]},
             ).first()
             time.sleep(seconds)
             conn.rollback()
@@ -737,7 +747,7 @@ class Harness:
                     value = conn.execute(
                         sa.text("SELECT SUM(token) FROM leadership_flags WHERE name IN :n")
                         .bindparams(sa.bindparam("n", expanding=True)),
-                        {"n": flag_names(self.name, self.cfg.flags)},
+                        {"n": self.rows()},
                     ).scalar()
                 return int(value or 0)
             except Exception:

@@ -219,6 +219,17 @@ def main(argv: list[str]) -> int:
             .on_lowered(lambda flag: rec.event("lowered", flag=flag.name))
         )
 
+    if cfg.get("flagset"):
+
+        def builder(engine: Any, name: str) -> Any:  # one set: its shards are the "flags"
+            return (
+                sqlflag.new_flag_set().handle(engine).name(cfg["name"]).process(cfg["process"])
+                .interval(cfg["interval"]).timeout(cfg["timeout"]).jitter(cfg["jitter"])
+                .logger(log).shards(len(names))
+                .on_assigned(lambda fs, shards: rec.event("assigned", shards=sorted(shards)))
+                .on_revoked(lambda fs, shards: rec.event("revoked", shards=sorted(shards)))
+            )
+
     batched = count_batches(sqlflag)
     if cfg.get("async"):
         import asyncio
@@ -268,6 +279,10 @@ def run_sync(
     flags: list[Any] = []
     while len(flags) < len(names) and not stop.is_set():
         try:
+            if cfg.get("flagset"):
+                fs = builder(engine, cfg["name"]).build()
+                flags = [Shard(fs, k, name) for k, name in enumerate(names)]
+                break
             flags.append(builder(engine, names[len(flags)]).build())
         except Exception as exc:  # the database may be down or unreachable: try again
             rec.event("build_failed", error=f"{type(exc).__name__}: {exc}"[:300])
@@ -317,6 +332,10 @@ async def run_async(
     flags: list[Any] = []
     while len(flags) < len(names) and not stop.is_set():
         try:
+            if cfg.get("flagset"):
+                fs = await asyncio.wait_for(builder(engine, cfg["name"]).build_async(), 10)
+                flags = [Shard(fs, k, name) for k, name in enumerate(names)]
+                break
             flags.append(
                 await asyncio.wait_for(builder(engine, names[len(flags)]).build_async(), 10)
             )
@@ -349,6 +368,24 @@ async def run_async(
     fence.summary(readings)
     await engine.dispose()
     return 0
+
+
+class Shard:
+    """One shard of a FlagSet seen as a flag (``token``, ``name``, ``close``), so readings,
+    the fence and the checker treat each shard as they treat a flag."""
+
+    def __init__(self, flag_set: Any, shard: int, name: str) -> None:
+        self.flag_set = flag_set
+        self.shard = shard
+        self.name = name  # the fence's row for this shard
+
+    @property
+    def token(self) -> int | None:
+        token: int | None = self.flag_set.token(self.shard)
+        return token
+
+    def close(self) -> Any:
+        return self.flag_set.close()  # once for the set; later calls return at once
 
 
 def flag_names(base: str, count: int) -> list[str]:

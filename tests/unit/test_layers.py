@@ -20,7 +20,7 @@ PACKAGE = Path(sqlflag.__file__).parent  # the installed package under tox
 ROOT = "sqlflag"
 
 #: The pure core: decisions only, no I/O.
-CORE = ("sqlflag._core", "sqlflag._queue", "sqlflag._batch")
+CORE = ("sqlflag._core", "sqlflag._queue", "sqlflag._batch", "sqlflag._partition")
 #: What runs statements or threads (prefixes: a module or a package of them). The shells'
 #: package: the async shell (hand-written), the sync one (generated from it), and the pair of
 #: concurrency modules they stand on.
