@@ -263,6 +263,40 @@ class CommonBuilder:
             raise ConfigurationError(f"schema must be a non-empty string; got {self._schema!r}")
         return Settings(name, process, interval, timeout, float(jitter))
 
+    def _sync_engine(self, what: str, callbacks: list[tuple[str, Any]]) -> sa.Engine:
+        """The handle, for build(): an ``Engine``, and no coroutine function among the
+        ``(field, fn)`` callbacks (the sync ``what`` could not await it)."""
+        engine = self._handle
+        if isinstance(engine, AsyncEngine):
+            raise ConfigurationError(
+                "handle is an AsyncEngine: call `await builder.build_async()` instead of build()"
+            )
+        for field, fn in callbacks:
+            if inspect.iscoroutinefunction(fn):
+                raise ConfigurationError(
+                    f"{field} is a coroutine function, which the sync {what} cannot await: "
+                    "pass a plain function, or use an AsyncEngine and build_async()"
+                )
+        if not isinstance(engine, sa.Engine):
+            raise ConfigurationError(
+                f"handle must be a sqlalchemy Engine or AsyncEngine; got {type(engine).__name__}"
+            )
+        return engine
+
+    def _async_engine(self) -> AsyncEngine:
+        """The handle, for build_async(): an ``AsyncEngine``."""
+        engine = self._handle
+        if isinstance(engine, sa.Engine):
+            raise ConfigurationError(
+                "handle is a sync Engine: call build() instead of build_async(), "
+                "or pass an AsyncEngine (sqlalchemy.ext.asyncio.create_async_engine)"
+            )
+        if not isinstance(engine, AsyncEngine):
+            raise ConfigurationError(
+                f"handle must be a sqlalchemy Engine or AsyncEngine; got {type(engine).__name__}"
+            )
+        return engine
+
     def _dialect(self, url: sa.URL, dialect: sa.Dialect) -> Database:
         ops = for_dialect(dialect)
         if ops.name == "sqlite" and self._schema is not None:
@@ -385,23 +419,12 @@ class FlagBuilder(CommonBuilder, Generic[FlagT]):
                 is checked; after ``build()`` database errors never escape the loop.
         """
         settings = self._settings()
-        engine = self._handle
-        if isinstance(engine, AsyncEngine):
-            raise ConfigurationError(
-                "handle is an AsyncEngine: call `await builder.build_async()` instead of build()"
-            )
-        for field, fn in [("precheck", self._precheck)] + [
-            ("on_raised", f) for f in self._on_raised
-        ] + [("on_lowered", f) for f in self._on_lowered]:
-            if inspect.iscoroutinefunction(fn):
-                raise ConfigurationError(
-                    f"{field} is a coroutine function, which the sync flag cannot await: "
-                    "pass a plain function, or use an AsyncEngine and build_async()"
-                )
-        if not isinstance(engine, sa.Engine):
-            raise ConfigurationError(
-                f"handle must be a sqlalchemy Engine or AsyncEngine; got {type(engine).__name__}"
-            )
+        engine = self._sync_engine(
+            "flag",
+            [("precheck", self._precheck)]
+            + [("on_raised", f) for f in self._on_raised]
+            + [("on_lowered", f) for f in self._on_lowered],
+        )
         ops = self._dialect(engine.url, engine.dialect)
         schema: str | None = self._schema
         _fork.watch(engine)
@@ -437,16 +460,7 @@ class FlagBuilder(CommonBuilder, Generic[FlagT]):
             sqlflag.SchemaError: as :meth:`build`.
         """
         settings = self._settings()
-        engine = self._handle
-        if isinstance(engine, sa.Engine):
-            raise ConfigurationError(
-                "handle is a sync Engine: call build() instead of build_async(), "
-                "or pass an AsyncEngine (sqlalchemy.ext.asyncio.create_async_engine)"
-            )
-        if not isinstance(engine, AsyncEngine):
-            raise ConfigurationError(
-                f"handle must be a sqlalchemy Engine or AsyncEngine; got {type(engine).__name__}"
-            )
+        engine = self._async_engine()
         from .shells._async import AsyncFlag, AsyncScheduler
 
         ops = self._dialect(engine.url, engine.dialect)

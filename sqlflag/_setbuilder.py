@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import logging
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Any
@@ -141,23 +140,11 @@ class FlagSetBuilder(CommonBuilder):
         """Validate, check the table (creating it if asked), insert the set's rows, and start
         the set's thread; returns a :class:`sqlflag.FlagSet`."""
         settings, shards = self._validate()
-        engine = self._handle
-        if isinstance(engine, AsyncEngine):
-            raise ConfigurationError(
-                "handle is an AsyncEngine: call `await builder.build_async()` instead of build()"
-            )
-        if not isinstance(engine, sa.Engine):
-            raise ConfigurationError(
-                f"handle must be a sqlalchemy Engine or AsyncEngine; got {type(engine).__name__}"
-            )
-        for field, fn in [("on_assigned", f) for f in self._on_assigned] + [
-            ("on_revoked", f) for f in self._on_revoked
-        ]:
-            if inspect.iscoroutinefunction(fn):
-                raise ConfigurationError(
-                    f"{field} is a coroutine function, which the sync set cannot await: "
-                    "pass a plain function, or use an AsyncEngine and build_async()"
-                )
+        engine = self._sync_engine(
+            "set",
+            [("on_assigned", f) for f in self._on_assigned]
+            + [("on_revoked", f) for f in self._on_revoked],
+        )
         ops = self._dialect(engine.url, engine.dialect)
         schema: str | None = self._schema
         _fork.watch(engine)
@@ -174,16 +161,7 @@ class FlagSetBuilder(CommonBuilder):
     async def build_async(self) -> AsyncFlagSet:
         """Like :meth:`build`, for an AsyncEngine; returns a :class:`sqlflag.AsyncFlagSet`."""
         settings, shards = self._validate()
-        engine = self._handle
-        if isinstance(engine, sa.Engine):
-            raise ConfigurationError(
-                "handle is a sync Engine: call build() instead of build_async(), "
-                "or pass an AsyncEngine (sqlalchemy.ext.asyncio.create_async_engine)"
-            )
-        if not isinstance(engine, AsyncEngine):
-            raise ConfigurationError(
-                f"handle must be a sqlalchemy Engine or AsyncEngine; got {type(engine).__name__}"
-            )
+        engine = self._async_engine()
         from .shells._set_async import AsyncFlagSet
 
         ops = self._dialect(engine.url, engine.dialect)
