@@ -32,7 +32,6 @@ from .._core import FlagCore, Report, Step, Transition
 from .._dialects import Database
 from .._listen import AsyncListener
 from .._queue import Deadlines, DueQueue, woken
-from .._schema import schema_options
 from .._watchdog import client_bound, connect_bound
 from ._base import FlagBase
 from ._concurrency._async import (
@@ -45,9 +44,8 @@ from ._concurrency._async import (
     Worker,
     at_exit,
     bounded,
-    configure,
-    connect,
     current,
+    open_connection,
     resolve,
     scope,
     spawn,
@@ -313,19 +311,9 @@ class AsyncScheduler:
 
     async def _connection(self) -> AsyncConnection:
         if self._conn is None:
-            conn = await connect(self.engine, self.dialect, self.timeout)
-            try:
-                conn = await conn.execution_options(
-                    isolation_level="AUTOCOMMIT", **schema_options(self.schema)
-                )
-                await configure(conn, self.dialect, self.timeout)
-                for sql in self.dialect.session_setup(self.timeout, conn.dialect):
-                    await conn.exec_driver_sql(sql)
-            except BaseException:
-                await conn.invalidate()
-                await conn.close()
-                raise
-            self._conn = conn
+            self._conn = await open_connection(
+                self.engine, self.dialect, self.timeout, self.schema
+            )
         return self._conn
 
     async def _drop_connection(self) -> None:

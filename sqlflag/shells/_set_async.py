@@ -1,11 +1,18 @@
-"""The async flag set: one asyncio task per set runs the core's checks on a connection of
-its own; the same steps as the sync shell, awaited."""
+"""The shell of :class:`AsyncFlagSet`: one I/O task per set runs the core's checks on a
+connection of its own, and a worker runs the callbacks.
+
+THE SOURCE OF BOTH SET SHELLS. ``scripts/unasync.py`` generates ``_set_sync.py``
+(:class:`FlagSet`, one thread per set) from this file, as it generates ``_sync.py`` from
+``_async.py``: edit this file only, run ``python scripts/unasync.py`` and commit both. Where
+threads and asyncio differ, use (or add) a name of ``_concurrency``; every decision belongs
+in the pure core (``sqlflag._partition``).
+"""
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import inspect
+import functools
+import weakref
 from collections.abc import Callable, Generator
 from types import TracebackType
 from typing import Any
@@ -17,17 +24,29 @@ from .._clock import monotonic
 from .._core import Step
 from .._errors import SqlflagError
 from .._partition import Answer, Change, SetCore, Shard
-from .._schema import schema_options
 from .._watchdog import client_bound, connect_bound
-from ._concurrency._async import configure, connect
+from ._concurrency._async import (
+    Condition,
+    Worker,
+    at_exit,
+    bounded,
+    join,
+    open_connection,
+    resolve,
+    spawn,
+)
 from ._setbase import FlagSetBase, merged
 
 AsyncSetCallback = Callable[["AsyncFlagSet", frozenset[Shard]], object]
+#: How long close() waits for the set's I/O task to give its shards back.
 CLOSE_WAIT = 10.0
+_live: weakref.WeakSet[AsyncFlagSet] = weakref.WeakSet()
 
 
 class AsyncFlagSet(FlagSetBase):
-    """The asyncio counterpart of :class:`sqlflag.FlagSet` (build with ``build_async()``)."""
+    """K shards spread over the live members of a set: each owned by at most one process at
+    a time, with a fencing token per shard (see docs/sharding.md). Built by
+    ``sqlflag.new_flag_set()``."""
 
     def __init__(
         self,
@@ -42,15 +61,18 @@ class AsyncFlagSet(FlagSetBase):
         self._schema = schema
         self._on_assigned = on_assigned
         self._on_revoked = on_revoked
+        self._cv = Condition()  # close() or a change: waiters look again
         self._closing = False
         self._conn: AsyncConnection | None = None
-        self._wake = asyncio.Event()  # close() or a change: waiters look again
-        self._changes: asyncio.Queue[Change | None] = asyncio.Queue()
-        self._task = asyncio.get_running_loop().create_task(self._run())
-        self._notifier = asyncio.get_running_loop().create_task(self._deliver())
+        label = f"sqlflag-set-{core.settings.name}"
+        self._notifier = Worker(label + "-notify")
+        self._task = spawn(self._run, label)
+        _live.add(self)
 
     def _locked(self) -> Any:
-        return contextlib.nullcontext()  # one thread: nothing to lock
+        return self._cv
+
+    # -- waiting and closing ----------------------------------------------------------------
 
     async def wait_owned(self, shard: Shard, timeout: float | None = None) -> bool:
         """Wait until this process owns ``shard``; False when ``timeout`` ran out first.
@@ -60,32 +82,30 @@ class AsyncFlagSet(FlagSetBase):
             timeout: seconds to wait at most; None waits for as long as it takes.
         """
         end = None if timeout is None else monotonic() + timeout
-        while True:
-            if self.owns(shard):
-                return True
-            if self._closing:
-                raise SqlflagError(f"flag set {self.name!r} is closed")
-            left = None if end is None else end - monotonic()
-            if left is not None and left <= 0:
-                return False
-            self._wake.clear()
-            with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
-                await asyncio.wait_for(self._wake.wait(), left)
+        with self._cv:
+            while True:
+                if self._core.token(shard, monotonic()) is not None:
+                    return True
+                if self._closing:
+                    raise SqlflagError(f"flag set {self.name!r} is closed")
+                left = None if end is None else end - monotonic()
+                if left is not None and left <= 0:
+                    return False
+                await self._cv.wait(left)
 
     async def close(self) -> None:
         """Give every shard up at once (``owned`` is empty when this returns), then release
         them and the membership in the database so others take over at their next check."""
-        if self._closing:
-            return
-        self._closing = True
-        self._core.close()
+        with self._cv:
+            if self._closing:
+                return
+            self._closing = True
+            self._core.close()
+            self._cv.notify_all()
         self._announce()
-        self._wake.set()
-        with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._task), CLOSE_WAIT)
-        self._changes.put_nowait(None)
-        with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
-            await asyncio.wait_for(asyncio.shield(self._notifier), CLOSE_WAIT)
+        await join(self._task, CLOSE_WAIT)
+        await self._notifier.flush(CLOSE_WAIT)  # on_revoked has run when close() returns
+        self._notifier.stop()
 
     async def guard(self, connection: _guard.AsyncGuarded, shard: Shard) -> None:
         """Check, in ``connection``'s open transaction and by the database clock, that this
@@ -93,8 +113,8 @@ class AsyncFlagSet(FlagSetBase):
         can take the shard until that transaction ends (as ``Flag.guard``, docs/guard.md).
 
         Args:
-            connection: the transaction's ``AsyncConnection``, or its ``AsyncSession``, on the set's
-                database; the writes it guards go in that transaction.
+            connection: the transaction's ``AsyncConnection``, or its ``AsyncSession``, on
+                the set's database; the writes it guards go in that transaction.
             shard: one of :attr:`shards`.
 
         Raises:
@@ -122,16 +142,18 @@ class AsyncFlagSet(FlagSetBase):
                 delay = await self._drive(core.cycle(monotonic()))
                 self._announce()
                 wake = monotonic() + delay
-                while not self._closing:
-                    now = monotonic()
-                    if now >= wake:
-                        break
-                    core.expire(now)
-                    self._announce()
-                    self._wake.clear()
-                    with contextlib.suppress(asyncio.TimeoutError, TimeoutError):
-                        wait = max(0.0, min(wake, core.next_deadline()) - now) + 0.0005
-                        await asyncio.wait_for(self._wake.wait(), wait)
+                with self._cv:
+                    self._cv.notify_all()
+                    while not self._closing:
+                        now = monotonic()
+                        if now >= wake:
+                            break
+                        core.expire(now)
+                        self._announce()
+                        await self._cv.wait(
+                            max(0.0, min(wake, core.next_deadline()) - now) + 0.0005
+                        )
+                self._announce()
             try:
                 for step in core.final():
                     await self._execute(step)
@@ -148,10 +170,11 @@ class AsyncFlagSet(FlagSetBase):
 
     async def _drive(self, cycle: Generator[Step, Answer, float]) -> float:
         """Run one check: each step's statement, its answer sent back into the core."""
-        try:
-            step = next(cycle)
-        except StopIteration as stop:
-            return float(stop.value)
+        with self._cv:
+            try:
+                step = next(cycle)
+            except StopIteration as stop:
+                return float(stop.value)
         while True:
             t_sent = monotonic()
             result: Any = None
@@ -161,7 +184,8 @@ class AsyncFlagSet(FlagSetBase):
             except Exception as exc:
                 error = exc
             try:
-                step = cycle.send(Answer(t_sent, monotonic(), result, error))
+                with self._cv:
+                    step = cycle.send(Answer(t_sent, monotonic(), result, error))
             except StopIteration as stop:
                 return float(stop.value)
             finally:
@@ -169,16 +193,20 @@ class AsyncFlagSet(FlagSetBase):
                     result.close()
 
     async def _execute(self, step: Step) -> Any:
+        """Send ``step``'s statement, bounded on the client too (``connect_bound``,
+        ``client_bound``); a failed connection is dropped, and the next step connects anew."""
         assert step.statement is not None
         timeout = self._core.settings.timeout
-        bound = client_bound(timeout)
         try:
-            conn = await asyncio.wait_for(self._connection(), connect_bound(timeout))
+            conn = await bounded(
+                self._connection(), connect_bound(timeout),
+                "connecting to the database took over",
+            )
             with _fork.quiet.statement():
-                return await asyncio.wait_for(conn.execute(step.statement, step.params), bound)
-        except (asyncio.TimeoutError, TimeoutError) as exc:
-            await self._drop_connection()
-            raise TimeoutError(f"no answer from the database within {bound:.3g} s") from exc
+                return await bounded(
+                    conn.execute(step.statement, step.params), client_bound(timeout),
+                    "no answer from the database within",
+                )
         except Exception:
             await self._drop_connection()
             raise
@@ -186,24 +214,13 @@ class AsyncFlagSet(FlagSetBase):
     async def _connection(self) -> AsyncConnection:
         if self._conn is None:
             dialect, timeout = self._core.dialect, self._core.settings.timeout
-            conn = await connect(self._engine, dialect, timeout)
-            try:
-                conn = await conn.execution_options(
-                    isolation_level="AUTOCOMMIT", **schema_options(self._schema)
-                )
-                await configure(conn, dialect, timeout)
-                for sql in dialect.session_setup(timeout, conn.dialect):
-                    await conn.exec_driver_sql(sql)
-            except BaseException:
-                await conn.invalidate()
-                await conn.close()
-                raise
-            self._conn = conn
+            self._conn = await open_connection(self._engine, dialect, timeout, self._schema)
         return self._conn
 
     async def _drop_connection(self) -> None:
         conn, self._conn = self._conn, None
         if conn is not None:
+            # Discarded, not returned: its session timeouts must not leak into the app's pool.
             with contextlib.suppress(Exception):
                 await conn.invalidate()
                 await conn.close()
@@ -211,22 +228,28 @@ class AsyncFlagSet(FlagSetBase):
     # -- callbacks --------------------------------------------------------------------------
 
     def _announce(self) -> None:
-        changes = self._core.take_changes()
-        if changes:
-            self._wake.set()
+        with self._cv:
+            changes = self._core.take_changes()
+            if changes:
+                self._cv.notify_all()
         for change in merged(changes):
-            self._changes.put_nowait(change)
+            self._notifier.submit(functools.partial(self._deliver, change))
 
-    async def _deliver(self) -> None:
-        """Callbacks run in a task of their own: a slow one never delays a renewal."""
-        while True:
-            change = await self._changes.get()
-            if change is None:
-                return
-            for fn in self._on_assigned if change.assigned else self._on_revoked:
-                try:
-                    out = fn(self, change.shards)
-                    if inspect.isawaitable(out):
-                        await out
-                except Exception:
-                    self._core.log.exception("flag set %r: callback %r failed", self.name, fn)
+    async def _deliver(self, change: Change) -> None:
+        """The callbacks run on the worker: a slow one never delays a renewal."""
+        for fn in self._on_assigned if change.assigned else self._on_revoked:
+            try:
+                await resolve(fn(self, change.shards), None)
+            except Exception:
+                self._core.log.exception("flag set %r: callback %r failed", self.name, fn)
+
+
+async def _close_all() -> None:
+    """Give back the shards of sets still open when the interpreter exits normally (the sync
+    sets': an event loop that ran async ones is gone by then)."""
+    for flagset in list(_live):
+        with contextlib.suppress(Exception):
+            await flagset.close()
+
+
+at_exit(_close_all)

@@ -26,7 +26,6 @@ from .._core import FlagCore, Report, Step, Transition
 from .._dialects import Database
 from .._listen import Listener
 from .._queue import Deadlines, DueQueue, woken
-from .._schema import schema_options
 from .._watchdog import client_bound, connect_bound
 from ._base import FlagBase
 from ._concurrency._sync import (
@@ -39,9 +38,8 @@ from ._concurrency._sync import (
     Worker,
     at_exit,
     bounded,
-    configure,
-    connect,
     current,
+    open_connection,
     resolve,
     scope,
     spawn,
@@ -307,19 +305,9 @@ class Scheduler:
 
     def _connection(self) -> Connection:
         if self._conn is None:
-            conn = connect(self.engine, self.dialect, self.timeout)
-            try:
-                conn = conn.execution_options(
-                    isolation_level="AUTOCOMMIT", **schema_options(self.schema)
-                )
-                configure(conn, self.dialect, self.timeout)
-                for sql in self.dialect.session_setup(self.timeout, conn.dialect):
-                    conn.exec_driver_sql(sql)
-            except BaseException:
-                conn.invalidate()
-                conn.close()
-                raise
-            self._conn = conn
+            self._conn = open_connection(
+                self.engine, self.dialect, self.timeout, self.schema
+            )
         return self._conn
 
     def _drop_connection(self) -> None:

@@ -38,7 +38,7 @@ def test_check_fails_on_drift(tmp_path: Path) -> None:
     source = tmp_path / "_async.py"
     target = tmp_path / "_sync.py"
     source.write_text('"""Doc."""\n\nasync def f() -> None:\n    await g()\n')
-    unasync.SOURCE, unasync.TARGET, unasync.ROOT = source, target, tmp_path
+    unasync.PAIRS, unasync.ROOT = [(source, target)], tmp_path
     assert unasync.main([]) == 0
     assert unasync.main(["--check"]) == 0
     target.write_text(target.read_text() + "# a hand edit\n")

@@ -17,6 +17,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from ... import _fork
 from ..._dialects import Database
+from ..._schema import schema_options
 
 T = TypeVar("T")
 #: Work for the scheduler's task or the notifier: a coroutine function.
@@ -184,3 +185,29 @@ async def configure(conn: AsyncConnection, dialect: Database, timeout: float) ->
         lambda sync: dialect.configure_dbapi(sync.connection.dbapi_connection, timeout)
     )
 
+
+async def open_connection(
+    engine: AsyncEngine, dialect: Database, timeout: float, schema: str | None
+) -> AsyncConnection:
+    """sqlflag's own connection, ready for its statements: AUTOCOMMIT, the table's schema,
+    the dialect's driver and session settings. A connection whose setup fails is discarded,
+    never returned to the application's pool."""
+    conn = await connect(engine, dialect, timeout)
+    try:
+        conn = await conn.execution_options(
+            isolation_level="AUTOCOMMIT", **schema_options(schema)
+        )
+        await configure(conn, dialect, timeout)
+        for sql in dialect.session_setup(timeout, conn.dialect):
+            await conn.exec_driver_sql(sql)
+    except BaseException:
+        await conn.invalidate()
+        await conn.close()
+        raise
+    return conn
+
+
+async def join(handle: Handle, timeout: float) -> None:
+    """Wait up to ``timeout`` s for one task to end (at once when called from it)."""
+    if asyncio.current_task() is not handle:
+        await asyncio.wait({handle}, timeout=timeout)

@@ -21,6 +21,7 @@ import sqlalchemy as sa
 from ... import _fork
 from ..._clock import monotonic
 from ..._dialects import Database
+from ..._schema import schema_options
 
 T = TypeVar("T")
 #: Work for the scheduler's thread or the notifier: a plain function.
@@ -184,3 +185,30 @@ def _bound_connects(engine: sa.Engine, dialect: Database) -> None:
 def configure(conn: sa.Connection, dialect: Database, timeout: float) -> None:
     """The dialect's driver-level setup of a new connection (client bounds, functions)."""
     dialect.configure_dbapi(conn.connection.dbapi_connection, timeout)
+
+
+def open_connection(
+    engine: sa.Engine, dialect: Database, timeout: float, schema: str | None
+) -> sa.Connection:
+    """sqlflag's own connection, ready for its statements: AUTOCOMMIT, the table's schema,
+    the dialect's driver and session settings. A connection whose setup fails is discarded,
+    never returned to the application's pool."""
+    conn = connect(engine, dialect, timeout)
+    try:
+        conn = conn.execution_options(
+            isolation_level="AUTOCOMMIT", **schema_options(schema)
+        )
+        configure(conn, dialect, timeout)
+        for sql in dialect.session_setup(timeout, conn.dialect):
+            conn.exec_driver_sql(sql)
+    except BaseException:
+        conn.invalidate()
+        conn.close()
+        raise
+    return conn
+
+
+def join(handle: Handle, timeout: float) -> None:
+    """Wait up to ``timeout`` s for one thread to end (at once when called from it)."""
+    if threading.current_thread() is not handle:
+        handle.join(timeout)
