@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import os
 import weakref
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Protocol
 
 import sqlalchemy as sa
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncSession
@@ -21,7 +21,20 @@ from sqlalchemy.orm import Session
 from ._dialects import Database, for_dialect
 from ._errors import ConfigurationError, NotLeaderError, SchemaError
 from ._schema import GUARD_INDEX, TABLE_NAME, schema_options
-from .shells._base import FlagBase
+
+
+class Tenure(Protocol):
+    """What a guard reads of a flag (any of the shells' flags, or a test double)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def process(self) -> str: ...
+    @property
+    def token(self) -> int | None: ...
+    @property
+    def closed(self) -> bool: ...
+
 
 #: What ``Flag.guard`` and ``AsyncFlag.guard`` accept (names the generated sync shell uses).
 Guarded = sa.Connection | Session
@@ -79,7 +92,7 @@ async def guard_async(
 
 
 def guard_flag(
-    connection: Guarded, flag: FlagBase, url: sa.URL, schema: str | None
+    connection: Guarded, flag: Tenure, url: sa.URL, schema: str | None
 ) -> None:
     """``Flag.guard``: the flag's own tenure, on its engine's database (``url``)."""
     conn = _sync_connection(connection, "`await flag.guard(...)` of an AsyncFlag")
@@ -87,7 +100,7 @@ def guard_flag(
 
 
 async def guard_flag_async(
-    connection: AsyncGuarded, flag: FlagBase, url: sa.URL, schema: str | None
+    connection: AsyncGuarded, flag: Tenure, url: sa.URL, schema: str | None
 ) -> None:
     """``AsyncFlag.guard``."""
     conn = await _async_connection(connection, "the sync Flag's guard()")
@@ -120,7 +133,7 @@ async def guard_shard_async(
 # -- the check ----------------------------------------------------------------------------
 
 
-def _flag_check(conn: sa.Connection, flag: FlagBase, url: sa.URL, schema: str | None) -> None:
+def _flag_check(conn: sa.Connection, flag: Tenure, url: sa.URL, schema: str | None) -> None:
     _on_database(conn, f"flag {flag.name!r}", url)
     _run(conn, flag.name, local_token(flag), flag.process, schema)
 
@@ -148,7 +161,7 @@ def _on_database(conn: sa.Connection, what: str, url: sa.URL) -> None:
         )
 
 
-def local_token(flag: FlagBase) -> int:
+def local_token(flag: Tenure) -> int:
     """The flag's token as this process sees it; NotLeaderError while lowered or closed."""
     token = flag.token  # None while lowered, closed or inherited through fork()
     if flag.closed or token is None:
