@@ -118,7 +118,9 @@ def test_holder_loses_its_database_then_another_raises_and_it_recovers(pool, fla
     allowed = {"first": True}
     log = StatementLog(outage.engine)
     first = pool.flag(outage.engine, flag_name, "first", precheck=lambda: allowed["first"])
-    assert first.wait_raised(SLACK + 0.5)
+    # A precondition, not a timing claim: the first connection goes through the outage's
+    # proxy, which took over a second once on a loaded 2-core CI machine.
+    assert first.wait_raised(10)
     first_token = first.token
     second = pool.flag(pool.engine(), flag_name, "second")
     assert not second.wait_raised(0.7)
