@@ -90,12 +90,13 @@ def test_guarded_transaction_outlives_a_closing_owner(
 ) -> None:
     """The owner guards shard 0, then closes while the transaction is open: the other member
     does not own shard 0 until it commits; then it does, with a greater token, and its
-    guarded write comes after."""
-    owner = _set(engine, set_name, "a").build()
+    guarded write comes after. One shard: with both members live it stays with "a" (rank 0
+    has the quota of 1), so nothing but the close moves it."""
+    owner = _set(engine, set_name, "a", shards=1).build()
     _owns_all(owner)
     old = owner.token(0)
     assert old is not None
-    other = _set(engine, set_name, "b").build()
+    other = _set(engine, set_name, "b", shards=1).build()
     try:
         with engine.connect() as conn:
             conn.begin()
