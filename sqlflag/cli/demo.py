@@ -87,6 +87,10 @@ def worker_main(argv: Sequence[str]) -> int:
             emit("lowered", token=held[-1] if held else None)
 
     def on_term(signum: int, frame: FrameType | None) -> None:
+        # Once: a second signal (the demo forwards one, a terminal sends another) must not
+        # interrupt the close below with a traceback.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
         raise _Stop
 
     signal.signal(signal.SIGTERM, on_term)
