@@ -163,6 +163,7 @@ def test_write_checker():
     assert figures.figures["guard_refused"] == 2
 
 
+@pytest.mark.serial  # a fleet of worker processes: alone, so it cannot slow the timing tests
 @pytest.mark.parametrize("mode", ["sync", "async"])
 def test_guarded_writes(dialect, mode, tmp_path):
     """Every worker appends rows while raised, each in a transaction that calls the guard
@@ -183,6 +184,7 @@ def test_guarded_writes(dialect, mode, tmp_path):
     assert figures["write_tenures"] >= 2 and figures["write_rows"] >= 5, result.summary()
 
 
+@pytest.mark.serial  # a fleet of worker processes: alone, so it cannot slow the timing tests
 def test_unguarded_writes_show_violations(dialect, tmp_path):
     """Negative control: the same workload without the guard. A holder frozen between its
     decision and its COMMIT commits a row after the next tenure's first one."""
@@ -221,6 +223,7 @@ def test_server_restart(dialect, tmp_path):
 # -- a FlagSet under the same faults --------------------------------------------------------
 
 
+@pytest.mark.serial  # a fleet of worker processes: alone, so it cannot slow the timing tests
 def test_short_flagset_fault_run(dialect, tmp_path):
     """Workers are members of one FlagSet of 8 shards (sync); each shard is judged as a
     flag: per-shard exclusivity, token order, no stale read after a pause."""
@@ -234,6 +237,7 @@ def test_short_flagset_fault_run(dialect, tmp_path):
     _assert_clean(result, expected)
 
 
+@pytest.mark.serial  # a fleet of worker processes: alone, so it cannot slow the timing tests
 def test_harness_catches_a_broken_flagset(tmp_path):
     """Negative control: members that believe a shard 3.5 times longer than the database
     grants it are caught (SQLite, pauses)."""

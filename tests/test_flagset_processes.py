@@ -15,6 +15,7 @@ import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
+import pytest
 from workers.support import REPO
 
 WORKER = Path(__file__).resolve().parent / "workers" / "flagset_worker.py"
@@ -132,6 +133,7 @@ def belief_intervals(members: list[Member]) -> dict[int, list[tuple[float, float
     return out
 
 
+@pytest.mark.serial  # five member processes: alone, so they cannot slow the timing tests
 def test_join_leave_crash_converge_and_no_shard_is_owned_twice(
     db_url: str, tmp_path: Path
 ) -> None:
