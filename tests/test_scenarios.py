@@ -130,7 +130,9 @@ def test_holder_loses_its_database_then_another_raises_and_it_recovers(pool, fla
         # The first one lowers by its own deadline: last renewal + interval - margin.
         assert first.wait_lowered(INTERVAL + SLACK)
         t_low = now()
-        assert t_low - log.last_lease_statement(t_low) < INTERVAL + 0.25
+        # `raised` turns false at the deadline itself; what this measures is when the waiting
+        # thread saw it, so the slack is the file's scheduling noise (seen: 1.47 s under CI load).
+        assert t_low - log.last_lease_statement(t_low) < INTERVAL + SLACK
         assert t_low - t_cut < INTERVAL + SLACK
         if not outage.local:
             allowed["first"] = False
